@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -142,6 +143,18 @@ func TestLab(t *testing.T) {
 	}
 
 	t.Run("DNS and ClusterIP through kubectl exec", func(t *testing.T) {
+		// Ready pods reach kube-proxy's rules a moment after the rollout
+		// reports them: wait until each replica has answered once.
+		seenOnce := map[string]bool{}
+		waitFor(t, 30*time.Second, func() (bool, string) {
+			out, _ := l.KubectlCmd(ctx, "-n", "demo", "exec", "deploy/client", "--", "curl", "-sS", "--max-time", "2", "http://echo.demo.svc.cluster.local/").CombinedOutput()
+			for _, line := range strings.Split(string(out), "\n") {
+				if h, ok := strings.CutPrefix(line, "Hostname="); ok {
+					seenOnce[h] = true
+				}
+			}
+			return len(seenOnce) == 2, fmt.Sprintf("answered: %v", seenOnce)
+		})
 		out := kubectl("-n", "demo", "exec", "deploy/client", "--", "sh", "-c",
 			`for i in $(seq 50); do curl -sS --max-time 5 http://echo.demo.svc.cluster.local/ | grep '^Hostname=' || echo FAILED; done`)
 		seen := map[string]int{}
@@ -207,6 +220,12 @@ func TestLab(t *testing.T) {
 			}
 			time.Sleep(200 * time.Millisecond)
 		}
+	})
+
+	t.Run("workloads", func(t *testing.T) { testWorkloads(ctx, t, l) })
+
+	t.Run("namespace deletion", func(t *testing.T) {
+		kubectl("delete", "namespace", "demo", "--wait=true", "--timeout=120s")
 	})
 
 	if err := l.Down(); err != nil {

@@ -96,7 +96,14 @@ func (w *podWorker) current() *corev1.Pod {
 func (w *podWorker) update(pod *corev1.Pod) {
 	w.mu.Lock()
 	w.pod = pod.DeepCopy()
+	vols := w.volumes
 	w.mu.Unlock()
+	if vols != nil {
+		// Downward API files follow label and annotation changes.
+		if err := vols.UpdatePod(pod); err != nil {
+			w.log.Warn("updating downward API volumes", "error", err)
+		}
+	}
 	if pod.DeletionTimestamp != nil {
 		w.deleteOnce.Do(func() { close(w.deleting) })
 	}
@@ -188,9 +195,11 @@ type configError struct{ error }
 
 func (w *podWorker) tryPrepare(ctx context.Context) error {
 	pod := w.current()
+	w.mu.Lock()
 	if w.volumes == nil {
 		w.volumes = podspec.NewVolumes(w.a.opts.Client, filepath.Join(w.a.opts.Dir, "pods"), pod, w.log)
 	}
+	w.mu.Unlock()
 	if err := w.volumes.Setup(ctx); err != nil {
 		return configError{fmt.Errorf("setting up volumes: %w", err)}
 	}
@@ -363,10 +372,6 @@ func (w *podWorker) startProcess(ctx context.Context, c *ctr) (*exec.Cmd, error)
 	w.mu.Lock()
 	sb := w.sandbox
 	w.mu.Unlock()
-	argv, err := resolveCommand(w.a.opts.BinDir, c.spec.Image, c.spec.Command, c.spec.Args)
-	if err != nil {
-		return nil, err
-	}
 	podWithIP := pod.DeepCopy()
 	podWithIP.Status.PodIP = sb.ip
 	podWithIP.Status.PodIPs = []corev1.PodIP{{IP: sb.ip}}
@@ -376,8 +381,15 @@ func (w *podWorker) startProcess(ctx context.Context, c *ctr) (*exec.Cmd, error)
 	if err != nil {
 		return nil, fmt.Errorf("computing environment: %w", err)
 	}
+	// $(VAR) in command and args expands from the container's env, as
+	// kubelet does, before the image's entrypoint is combined with them.
+	command, args := podspec.ExpandCommand(&c.spec, env)
+	argv, err := resolveCommand(w.a.opts.BinDir, c.spec.Image, command, args)
+	if err != nil {
+		return nil, err
+	}
 	env = withPath(env, w.a.opts.BinDir)
-	vmounts, err := w.volumes.Mounts(&c.spec)
+	vmounts, err := w.volumes.MountsWithEnv(&c.spec, env)
 	if err != nil {
 		return nil, err
 	}
@@ -392,10 +404,7 @@ func (w *podWorker) startProcess(ctx context.Context, c *ctr) (*exec.Cmd, error)
 	if _, err := os.Stat(filepath.Join(dir, "hosts")); err == nil {
 		mounts = append(mounts, Mount{Source: filepath.Join(dir, "hosts"), Target: "/etc/hosts", ReadOnly: true})
 	}
-	hostname := pod.Name
-	if pod.Spec.Hostname != "" {
-		hostname = pod.Spec.Hostname
-	}
+	hostname := podspec.Hostname(pod)
 	if pod.Spec.HostNetwork {
 		hostname = w.a.opts.NodeName
 	}

@@ -23,6 +23,8 @@ type sandbox struct {
 	ip        string
 }
 
+const loopbackConf = `{"cniVersion": "1.0.0", "name": "cni-loopback", "type": "loopback"}`
+
 // cniRuntimeConf is what the CNI plugins are told about the pod, with the
 // CNI_ARGS a container runtime passes (K8S_POD_NAMESPACE and friends) so
 // that a chained plugin can look the pod up.
@@ -69,6 +71,16 @@ func (a *Agent) createSandbox(ctx context.Context, pod *corev1.Pod) (*sandbox, e
 	_ = a.deleteSandbox(ctx, pod, sb)
 	if out, err := exec.CommandContext(ctx, "ip", "netns", "add", name).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("creating netns %s: %w: %s", name, err, strings.TrimSpace(string(out)))
+	}
+	// The pod's loopback, as containerd brings it up: the CNI loopback
+	// plugin, outside the node's conflist.
+	lo, err := libcni.ConfFromBytes([]byte(loopbackConf))
+	if err != nil {
+		return nil, err
+	}
+	if _, err := a.cni().AddNetwork(ctx, lo, cniRuntimeConf(pod, sb.netnsPath)); err != nil {
+		_ = exec.Command("ip", "netns", "delete", name).Run()
+		return nil, fmt.Errorf("CNI ADD (loopback): %w", err)
 	}
 	list, err := a.loadConflist()
 	if err != nil {

@@ -59,13 +59,14 @@ $(BIN)/echo-server $(BIN)/echo-client &: e2e/apps/go.mod e2e/apps/go.sum
 	  echo "build: echo apps took $$(( $$(date +%s) - t ))s"
 
 .PHONY: generate
-generate: ## Regenerate committed generated files (Gateway API CRDs; later protobuf, deepcopy, BPF).
+generate: deps ## Regenerate committed generated files (Gateway API CRDs, workload API protobuf).
 	hack/gateway-api-crds.sh
+	hack/workloadapi.sh
 
 .PHONY: verify
 verify: generate ## Fail if `make generate` changes anything.
-	@git diff --exit-code -- deploy || { echo "verify: generated files are stale: run make generate and commit"; exit 1; }
-	@test -z "$$(git status --porcelain -- deploy)" || { git status --porcelain -- deploy; echo "verify: untracked generated files"; exit 1; }
+	@git diff --exit-code -- deploy api || { echo "verify: generated files are stale: run make generate and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- deploy api)" || { git status --porcelain -- deploy api; echo "verify: untracked generated files"; exit 1; }
 
 .PHONY: lint
 lint: ## go vet, and golangci-lint (pinned, installed with go install).

@@ -17,6 +17,7 @@ needs=(
   bpftool:bpftool
   /usr/include/bpf/bpf_helpers.h:libbpf-dev
   stunnel4:stunnel4
+  protoc:protobuf-compiler
 )
 
 missing=()

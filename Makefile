@@ -59,9 +59,9 @@ $(BIN)/echo-server $(BIN)/echo-client &: e2e/apps/go.mod e2e/apps/go.sum
 	  echo "build: echo apps took $$(( $$(date +%s) - t ))s"
 
 .PHONY: generate
-generate: deps ## Regenerate committed generated files (Gateway API CRDs, workload API protobuf).
+generate: deps ## Regenerate committed generated files (Gateway API CRDs, workload API and ZDS protobuf).
 	hack/gateway-api-crds.sh
-	hack/workloadapi.sh
+	hack/istio-protos.sh
 
 .PHONY: verify
 verify: generate ## Fail if `make generate` changes anything.

@@ -1,0 +1,189 @@
+package inpod
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ambitmesh/ambit/api/zdsapi"
+)
+
+// recorder is a Handler that records what it was told.
+type recorder struct {
+	mu      sync.Mutex
+	added   map[string]*NetNS
+	deleted []string
+	present map[string]bool
+	events  chan string
+}
+
+var _ Handler = (*recorder)(nil)
+
+func newRecorder() *recorder {
+	return &recorder{added: map[string]*NetNS{}, events: make(chan string, 100)}
+}
+
+func (r *recorder) Add(_ context.Context, uid string, info *zdsapi.WorkloadInfo, ns *NetNS) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if old := r.added[uid]; old != nil {
+		old.Close()
+	}
+	r.added[uid] = ns
+	r.events <- "add " + uid + " " + info.GetNamespace() + "/" + info.GetName()
+	return nil
+}
+
+func (r *recorder) Del(uid string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if ns := r.added[uid]; ns != nil {
+		ns.Close()
+	}
+	delete(r.added, uid)
+	r.deleted = append(r.deleted, uid)
+	r.events <- "del " + uid
+	return nil
+}
+
+func (r *recorder) Reconcile(present map[string]bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.present = present
+	for uid, ns := range r.added {
+		if !present[uid] {
+			ns.Close()
+			delete(r.added, uid)
+		}
+	}
+	r.events <- fmt.Sprintf("snapshot %d", len(present))
+}
+
+func expect(t *testing.T, r *recorder, want ...string) {
+	t.Helper()
+	for _, w := range want {
+		select {
+		case got := <-r.events:
+			if got != w {
+				t.Fatalf("event %q, want %q", got, w)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no event, want %q", w)
+		}
+	}
+}
+
+func requireRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make network namespaces")
+	}
+}
+
+// newNetns makes a named network namespace with lo up, removed at cleanup.
+func newNetns(t *testing.T) string {
+	t.Helper()
+	name := fmt.Sprintf("ambit-inpod-test-%d-%d", os.Getpid(), time.Now().UnixNano()%100000)
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", name).Run() })
+	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		t.Fatalf("lo up: %v: %s", err, out)
+	}
+	return "/run/netns/" + name
+}
+
+// TestZDSSnapshotAndReconnect plays the node agent: pods enrolled before
+// ztunnel connects arrive as a snapshot; later changes arrive live; a
+// reconnecting ztunnel gets a new snapshot without the removed pod.
+func TestZDSSnapshotAndReconnect(t *testing.T) {
+	requireRoot(t)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	sock := filepath.Join(t.TempDir(), "zds.sock")
+	srv, err := NewServer(sock, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go srv.Serve(ctx)
+	defer srv.Close()
+	nsA, nsB := newNetns(t), newNetns(t)
+	if err := srv.Upsert("uid-a", &zdsapi.WorkloadInfo{Name: "a", Namespace: "ns"}, nsA); err != ErrNoZtunnel {
+		t.Fatalf("upsert before ztunnel: %v", err)
+	}
+
+	r := newRecorder()
+	cctx, ccancel := context.WithCancel(ctx)
+	client := &Client{Path: sock, Handler: r, Log: log}
+	done := make(chan struct{})
+	go func() { client.Run(cctx); close(done) }()
+	expect(t, r, "add uid-a ns/a", "snapshot 1")
+
+	if err := srv.Upsert("uid-b", &zdsapi.WorkloadInfo{Name: "b", Namespace: "ns"}, nsB); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, r, "add uid-b ns/b")
+	if err := srv.Remove("uid-a"); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, r, "del uid-a")
+
+	// ztunnel restarts: a new client gets the current state.
+	ccancel()
+	<-done
+	r2 := newRecorder()
+	go (&Client{Path: sock, Handler: r2, Log: log}).Run(ctx)
+	expect(t, r2, "add uid-b ns/b", "snapshot 1")
+}
+
+// TestNetNSListenAndDial opens a listener inside a namespace through the fd
+// and checks it is there (and not in ours), and that OriginalDst falls back
+// to the local address for a connection that was not redirected.
+func TestNetNSListenAndDial(t *testing.T) {
+	requireRoot(t)
+	path := newNetns(t)
+	ns, err := OpenNetNS(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	ln, err := ns.Listen(context.Background(), "127.0.0.1:15001")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		dst, _ := OriginalDst(c)
+		fmt.Fprintf(c, "%s\n", dst)
+		c.Close()
+	}()
+	// Our own namespace has no such listener...
+	if c, err := net.DialTimeout("tcp", "127.0.0.1:15001", 200*time.Millisecond); err == nil {
+		c.Close()
+		t.Fatal("listener leaked into the test's namespace")
+	}
+	// ...the pod's has.
+	c, err := ns.Dialer()(context.Background(), "tcp", "127.0.0.1:15001")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	b, _ := io.ReadAll(c)
+	if got := strings.TrimSpace(string(b)); got != "127.0.0.1:15001" {
+		t.Errorf("original dst %q", got)
+	}
+}

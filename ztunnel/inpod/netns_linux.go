@@ -1,0 +1,161 @@
+package inpod
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Mark is the SO_MARK ztunnel puts on its own sockets so that the capture
+// rules inside a pod's network namespace let them through instead of
+// redirecting them to ztunnel again (Istio uses the same value).
+const Mark = 0x539
+
+// NetNS is a network namespace held open by a file descriptor (the one the
+// node agent passed over ZDS). Sockets belong to the namespace of the thread
+// that creates them, so listeners and dials run on a thread that entered it.
+type NetNS struct {
+	f *os.File
+}
+
+// OpenNetNS opens a network namespace by path (for tests and the node
+// agent; ztunnel gets fds over ZDS).
+func OpenNetNS(path string) (*NetNS, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("opening netns %s: %w", path, err)
+	}
+	return &NetNS{f: f}, nil
+}
+
+// NetNSFromFD takes ownership of a namespace fd.
+func NetNSFromFD(fd int) *NetNS { return &NetNS{f: os.NewFile(uintptr(fd), "netns")} }
+
+// Close releases the namespace fd. Sockets already made stay in it.
+func (n *NetNS) Close() error { return n.f.Close() }
+
+// FD returns the namespace's file descriptor.
+func (n *NetNS) FD() int { return int(n.f.Fd()) }
+
+// Do runs f on an OS thread inside the namespace. The thread returns to the
+// scheduler only if it could be moved back to its own namespace; otherwise
+// it stays locked and exits with the goroutine.
+func (n *NetNS) Do(f func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		self, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			errc <- fmt.Errorf("opening own netns: %w", err)
+			return
+		}
+		defer self.Close()
+		if err := unix.Setns(int(n.f.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("entering netns: %w", err)
+			return
+		}
+		ferr := f()
+		if unix.Setns(int(self.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// Listen opens a TCP listener inside the namespace. MPTCP is off: Go 1.24+
+// listeners default to it, and an MPTCP socket cannot go into a SOCKMAP,
+// which the eBPF capture mode uses. IP_TRANSPARENT is set so that the
+// listener can also take TPROXY'd connections (nftables mode).
+func (n *NetNS) Listen(ctx context.Context, addr string) (net.Listener, error) {
+	var ln net.Listener
+	err := n.Do(func() error {
+		lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+			})
+			return errors.Join(err, serr)
+		}}
+		lc.SetMultipathTCP(false)
+		var err error
+		ln, err = lc.Listen(ctx, "tcp", addr)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s in pod netns: %w", addr, err)
+	}
+	return ln, nil
+}
+
+// Dialer returns a dial function whose sockets are created inside the
+// namespace and carry Mark.
+func (n *NetNS) Dialer() func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var c net.Conn
+		err := n.Do(func() error {
+			var err error
+			c, err = MarkedDialer().DialContext(ctx, network, addr)
+			return err
+		})
+		return c, err
+	}
+}
+
+// MarkedDialer is a dialer whose sockets carry Mark, in the caller's
+// namespace.
+func MarkedDialer() *net.Dialer {
+	d := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, Mark)
+		})
+		return errors.Join(err, serr)
+	}}
+	d.SetMultipathTCP(false)
+	return d
+}
+
+// OriginalDst returns the destination a REDIRECTed connection was sent to
+// before the redirect (SO_ORIGINAL_DST), or the local address when the
+// socket was not redirected (TPROXY and sk_lookup keep it as the local
+// address).
+func OriginalDst(c net.Conn) (net.Addr, error) {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return c.LocalAddr(), nil
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var addr *net.TCPAddr
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		mreq, err := unix.GetsockoptIPv6Mreq(int(fd), unix.SOL_IP, unix.SO_ORIGINAL_DST)
+		if err != nil {
+			serr = err
+			return
+		}
+		// struct sockaddr_in: family(2) port(2, network order) addr(4)
+		b := mreq.Multiaddr
+		addr = &net.TCPAddr{IP: net.IPv4(b[4], b[5], b[6], b[7]), Port: int(b[2])<<8 | int(b[3])}
+	})
+	if err != nil {
+		return nil, err
+	}
+	if serr != nil {
+		if errors.Is(serr, unix.ENOENT) {
+			return c.LocalAddr(), nil
+		}
+		return nil, fmt.Errorf("reading SO_ORIGINAL_DST: %w", serr)
+	}
+	return addr, nil
+}

@@ -62,6 +62,7 @@ $(BIN)/echo-server $(BIN)/echo-client &: e2e/apps/go.mod e2e/apps/go.sum
 generate: deps ## Regenerate committed generated files (Gateway API CRDs, workload API and ZDS protobuf).
 	hack/gateway-api-crds.sh
 	hack/istio-protos.sh
+	hack/istio-crds.sh
 
 .PHONY: verify
 verify: generate ## Fail if `make generate` changes anything.

@@ -130,6 +130,7 @@ func node(ctx context.Context, args []string) error {
 	fs.StringVar(&o.ServingKey, "serving-key", "", "kubelet API key")
 	fs.StringVar(&o.ClientCA, "client-ca", "", "CA of kubelet API clients")
 	fs.StringVar(&o.Dir, "dir", "", "node directory")
+	fs.StringVar(&o.Root, "root", "", "node filesystem root for hostPath volumes")
 	fs.StringVar(&o.LabDir, "lab-dir", "", "lab state directory")
 	fs.StringVar(&o.CNIConfDir, "cni-conf-dir", "", "CNI conf dir")
 	fs.StringVar(&o.CNIBinDir, "cni-bin-dir", "", "CNI plugin dirs, colon-separated")

@@ -21,9 +21,14 @@ import (
 // NodeDir is where node i keeps its CNI configuration, IPAM state and pods.
 func (l *Lab) NodeDir(i int) string { return l.path("nodes", NodeName(i)) }
 
+// NodeRoot is node i's own filesystem root: hostPath volumes of pods on the
+// node resolve below it (see nodeagent.HostPath), so that two nodes on one
+// machine do not share /etc/cni/net.d or /var/run/ztunnel.
+func (l *Lab) NodeRoot(i int) string { return filepath.Join(l.NodeDir(i), "root") }
+
 // CNIConfDir is node i's CNI configuration directory, the one a container
-// runtime would read (/etc/cni/net.d on a real node).
-func (l *Lab) CNIConfDir(i int) string { return filepath.Join(l.NodeDir(i), "cni", "net.d") }
+// runtime would read: /etc/cni/net.d below the node's root.
+func (l *Lab) CNIConfDir(i int) string { return filepath.Join(l.NodeRoot(i), "etc", "cni", "net.d") }
 
 // cniConflist is the primary network of every node: ptp veth pairs with
 // host-local IPAM over the node's pod range, as a simple real CNI does it.
@@ -73,6 +78,7 @@ func (l *Lab) startNodes(ctx context.Context) error {
 			"--serving-key="+l.path("pki", name+"-serving.key"),
 			"--client-ca="+l.path("pki", "ca.crt"),
 			"--dir="+l.NodeDir(i),
+			"--root="+l.NodeRoot(i),
 			"--lab-dir="+l.opts.Dir,
 			"--cni-conf-dir="+l.CNIConfDir(i),
 			"--cni-bin-dir=/usr/lib/cni:/opt/cni/bin:"+l.opts.BinDir,

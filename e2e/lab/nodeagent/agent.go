@@ -43,6 +43,9 @@ type Options struct {
 	PodCIDR  string
 	// Dir holds the node's pods: volumes, logs, resolv.conf.
 	Dir string
+	// Root is the node's own filesystem root: hostPath volumes resolve
+	// below it, except the shared paths in hostShared.
+	Root string
 	// LabDir is the lab's state directory (for the mount point log).
 	LabDir string
 	// NetnsPrefix prefixes pod network namespace names.

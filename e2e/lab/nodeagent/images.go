@@ -52,6 +52,9 @@ var images = []image{
 		names:      []string{"ambit/lab"},
 		entrypoint: "lab",
 	},
+	// Ambit's own images, as deploy/ names them.
+	{names: []string{"ghcr.io/ambitmesh/ztunnel", "ambit/ztunnel"}, entrypoint: "ztunnel"},
+	{names: []string{"ghcr.io/ambitmesh/controller", "ambit/controller"}, entrypoint: "controller"},
 }
 
 // ErrImagePull is wrapped by resolveImage for images not in the table.

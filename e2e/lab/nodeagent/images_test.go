@@ -52,3 +52,22 @@ func TestResolveCommand(t *testing.T) {
 		})
 	}
 }
+
+func TestHostPath(t *testing.T) {
+	tests := []struct{ name, root, path, want string }{
+		{"node-local", "/lab/n1/root", "/var/run/ztunnel", "/lab/n1/root/var/run/ztunnel"},
+		{"CNI conf dir", "/lab/n1/root", "/etc/cni/net.d", "/lab/n1/root/etc/cni/net.d"},
+		{"shared netns", "/lab/n1/root", "/run/netns", "/run/netns"},
+		{"shared below", "/lab/n1/root", "/sys/fs/bpf", "/sys/fs/bpf"},
+		{"prefix is not a parent", "/lab/n1/root", "/procfoo", "/lab/n1/root/procfoo"},
+		{"cleaned", "/lab/n1/root", "/var/../etc/x/", "/lab/n1/root/etc/x"},
+		{"no root", "", "/var/run/ztunnel", "/var/run/ztunnel"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := HostPath(tc.root, tc.path); got != tc.want {
+				t.Errorf("HostPath(%q, %q) = %q, want %q", tc.root, tc.path, got, tc.want)
+			}
+		})
+	}
+}

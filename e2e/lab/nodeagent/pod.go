@@ -197,7 +197,7 @@ func (w *podWorker) tryPrepare(ctx context.Context) error {
 	pod := w.current()
 	w.mu.Lock()
 	if w.volumes == nil {
-		w.volumes = podspec.NewVolumes(w.a.opts.Client, filepath.Join(w.a.opts.Dir, "pods"), pod, w.log)
+		w.volumes = podspec.NewVolumes(w.a.opts.Client, filepath.Join(w.a.opts.Dir, "pods"), w.a.nodeLocalHostPaths(pod), w.log)
 	}
 	w.mu.Unlock()
 	if err := w.volumes.Setup(ctx); err != nil {

@@ -10,6 +10,7 @@ GOLANGCI_LINT  := v2.15.0
 LAB_NAME       ?= ambit
 LAB_NODES      ?= 2
 GO_TEST_FLAGS  ?= -count=1
+LINT_PKGS      ?= ./...
 KUBE_LDFLAGS   := -s -w -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
                   -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=36 \
                   -X k8s.io/component-base/version.gitTreeState=clean
@@ -70,11 +71,17 @@ verify: generate ## Fail if `make generate` changes anything.
 	@test -z "$$(git status --porcelain -- deploy api)" || { git status --porcelain -- deploy api; echo "verify: untracked generated files"; exit 1; }
 
 .PHONY: lint
-lint: ## go vet, and golangci-lint (pinned, installed with go install).
-	go vet ./...
-	@test -x $(BIN)/golangci-lint-$(GOLANGCI_LINT) || GOBIN=$(BIN)/.golangci go install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT) && \
-	  mv $(BIN)/.golangci/golangci-lint $(BIN)/golangci-lint-$(GOLANGCI_LINT) 2>/dev/null || true
-	$(BIN)/golangci-lint-$(GOLANGCI_LINT) run ./...
+lint: $(BIN)/golangci-lint-$(GOLANGCI_LINT) ## go vet, and golangci-lint (pinned) with .golangci.yml; LINT_PKGS narrows it.
+	go vet $(LINT_PKGS)
+	$(BIN)/golangci-lint-$(GOLANGCI_LINT) run --config $(CURDIR)/.golangci.yml $(LINT_PKGS)
+
+# Installed once per version, under a name that carries the version, so
+# that bumping GOLANGCI_LINT installs the new one. go install names its
+# output after the package, hence the staging directory.
+$(BIN)/golangci-lint-$(GOLANGCI_LINT):
+	GOBIN=$(BIN)/.golangci go install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT)
+	mv $(BIN)/.golangci/golangci-lint $@
+	rmdir $(BIN)/.golangci
 
 .PHONY: test
 test: build ## Run every test: unit tests, then the lab end-to-end tests (root needed for the latter).

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -179,7 +180,7 @@ func TestLab(t *testing.T) {
 		cmd := l.KubectlCmd(ctx, "-n", "demo", "exec", "deploy/client", "--", "sh", "-c", "exit 3")
 		err := cmd.Run()
 		var ee *exec.ExitError
-		if !asExitError(err, &ee) || ee.ExitCode() != 3 {
+		if !errors.As(err, &ee) || ee.ExitCode() != 3 {
 			t.Errorf("exit code: got %v, want 3", err)
 		}
 	})
@@ -262,14 +263,6 @@ func distinct(m map[string]string) map[string]bool {
 		out[v] = true
 	}
 	return out
-}
-
-func asExitError(err error, target **exec.ExitError) bool {
-	ee, ok := err.(*exec.ExitError)
-	if ok {
-		*target = ee
-	}
-	return ok
 }
 
 // hostSnapshot lists what a lab could leave behind on the host.

@@ -230,7 +230,7 @@ func testWorkloads(ctx context.Context, t *testing.T, l *lab.Lab) {
 			t.Fatal(err)
 		}
 		port := ln.Addr().(*net.TCPAddr).Port
-		ln.Close()
+		_ = ln.Close() // only asked the kernel for a free port
 		pf := l.KubectlCmd(ctx, "-n", "work", "port-forward", "pod/web", fmt.Sprintf("%d:8080", port))
 		var pfOut strings.Builder
 		pf.Stdout, pf.Stderr = &pfOut, &pfOut
@@ -249,7 +249,7 @@ func testWorkloads(ctx context.Context, t *testing.T, l *lab.Lab) {
 			if err != nil {
 				return false, err.Error()
 			}
-			defer resp.Body.Close()
+			defer func() { _ = resp.Body.Close() }()
 			b, _ := io.ReadAll(resp.Body)
 			body = string(b)
 			return true, ""

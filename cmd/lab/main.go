@@ -44,10 +44,16 @@ func main() {
 		fmt.Fprint(os.Stderr, usage)
 		os.Exit(2)
 	}
+	os.Exit(run(os.Args[1], os.Args[2:]))
+}
+
+// run runs one command and returns the exit code; it is apart from main so
+// that its deferred calls run before the process exits.
+func run(cmd string, args []string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	var err error
-	switch cmd, args := os.Args[1], os.Args[2:]; cmd {
+	switch cmd {
 	case "up":
 		err = up(ctx, args)
 	case "down":
@@ -68,12 +74,13 @@ func main() {
 		fmt.Print(usage)
 	default:
 		fmt.Fprint(os.Stderr, usage)
-		os.Exit(2)
+		return 2
 	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "lab %s: %v\n", os.Args[1], err)
-		os.Exit(1)
+		fmt.Fprintf(os.Stderr, "lab %s: %v\n", cmd, err)
+		return 1
 	}
+	return 0
 }
 
 func labFlags(fs *flag.FlagSet) *lab.Options {
@@ -88,7 +95,9 @@ func up(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("up", flag.ExitOnError)
 	o := labFlags(fs)
 	fs.IntVar(&o.Nodes, "nodes", 2, "number of nodes")
-	fs.Parse(args)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
 	o.Log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	o.Progress = os.Stdout
 	l, err := lab.Up(ctx, *o)
@@ -103,14 +112,18 @@ func up(ctx context.Context, args []string) error {
 func down(args []string) error {
 	fs := flag.NewFlagSet("down", flag.ExitOnError)
 	o := labFlags(fs)
-	fs.Parse(args)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
 	return lab.Down(*o)
 }
 
 func status(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("status", flag.ExitOnError)
 	o := labFlags(fs)
-	fs.Parse(args)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
 	l, err := lab.Open(*o)
 	if err != nil {
 		return err
@@ -138,7 +151,9 @@ func node(ctx context.Context, args []string) error {
 	fs.StringVar(&o.Cgroup, "cgroup", "", "node cgroup v2 directory")
 	fs.StringVar(&o.ClusterDNS, "cluster-dns", "", "cluster DNS address")
 	fs.StringVar(&o.NetnsPrefix, "netns-prefix", "", "prefix of pod network namespace names")
-	fs.Parse(args)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
 	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	if err != nil {
 		return err
@@ -157,6 +172,8 @@ func forward(ctx context.Context, args []string) error {
 	listen := fs.String("listen", "127.0.0.1:6443", "address to listen on, in this namespace")
 	netns := fs.String("netns", "", "network namespace to dial in")
 	to := fs.String("to", "", "address to dial")
-	fs.Parse(args)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
 	return lab.Forward(ctx, *listen, *netns, *to, slog.New(slog.NewTextHandler(os.Stderr, nil)))
 }

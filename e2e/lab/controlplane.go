@@ -186,7 +186,7 @@ func (l *Lab) startForwarder() (string, error) {
 		return "", err
 	}
 	addr := ln.Addr().String()
-	ln.Close()
+	_ = ln.Close() // only asked the kernel for a free port
 	proc, err := startDaemon("forward", "", l.path("logs", "forward.log"), nil,
 		l.labBin(), "forward", "--listen="+addr, "--netns="+l.cpNetns(),
 		fmt.Sprintf("--to=%s:%d", controlPlaneIP, apiserverPort))
@@ -234,7 +234,7 @@ func (l *Lab) waitReadyz(ctx context.Context, d time.Duration) error {
 			last = err.Error()
 			return false
 		}
-		resp.Body.Close()
+		_ = resp.Body.Close()
 		last = resp.Status
 		return resp.StatusCode == http.StatusOK
 	})

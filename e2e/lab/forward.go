@@ -25,7 +25,7 @@ func Forward(ctx context.Context, listen, netnsName, to string, log *slog.Logger
 	if err != nil {
 		return fmt.Errorf("listening on %s: %w", listen, err)
 	}
-	go func() { <-ctx.Done(); ln.Close() }()
+	go func() { <-ctx.Done(); _ = ln.Close() }()
 	log.Info("forwarding", "listen", listen, "netns", netnsName, "to", to)
 	for {
 		c, err := ln.Accept()
@@ -36,13 +36,13 @@ func Forward(ctx context.Context, listen, netnsName, to string, log *slog.Logger
 			return err
 		}
 		go func() {
-			defer c.Close()
+			defer func() { _ = c.Close() }()
 			u, err := dial(to)
 			if err != nil {
 				log.Warn("dialing through the forwarder", "to", to, "error", err)
 				return
 			}
-			defer u.Close()
+			defer func() { _ = u.Close() }()
 			var wg sync.WaitGroup
 			wg.Add(2)
 			pipe := func(dst, src net.Conn) {
@@ -80,7 +80,7 @@ func netnsDialer(netnsName string) (func(addr string) (net.Conn, error), error) 
 			return
 		}
 		err = unix.Setns(fd, unix.CLONE_NEWNET)
-		unix.Close(fd)
+		_ = unix.Close(fd) // read-only; the thread stays in the namespace without it
 		if err != nil {
 			ready <- fmt.Errorf("entering netns %s: %w", netnsName, err)
 			return

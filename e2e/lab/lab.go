@@ -192,7 +192,8 @@ func Up(ctx context.Context, opts Options) (_ *Lab, err error) {
 		if err := f(); err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
-		fmt.Fprintf(opts.Progress, "lab: %-28s %6.1fs (total %.1fs)\n", name, time.Since(t).Seconds(), time.Since(start).Seconds())
+		// Progress is informational: a failed write must not fail the lab.
+		_, _ = fmt.Fprintf(opts.Progress, "lab: %-28s %6.1fs (total %.1fs)\n", name, time.Since(t).Seconds(), time.Since(start).Seconds())
 		return nil
 	}
 	if err := phase("certificates", l.makePKI); err != nil {
@@ -213,7 +214,10 @@ func Up(ctx context.Context, opts Options) (_ *Lab, err error) {
 	if err := phase("cluster DNS ready", func() error { return l.installAddons(ctx) }); err != nil {
 		return nil, err
 	}
-	return l, l.saveState()
+	if err := l.saveState(); err != nil {
+		return nil, err
+	}
+	return l, nil
 }
 
 // Down stops every process of the lab and removes what it made.

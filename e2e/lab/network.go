@@ -3,7 +3,6 @@ package lab
 import (
 	"bytes"
 	"fmt"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -139,6 +138,3 @@ func removeNetnsWithPrefix(prefix string) error {
 	}
 	return nil
 }
-
-// mustPrefix parses a CIDR known at compile time.
-func mustPrefix(s string) netip.Prefix { return netip.MustParsePrefix(s) }

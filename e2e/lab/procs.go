@@ -35,7 +35,8 @@ func startDaemon(name, netnsName, logFile string, env []string, argv ...string) 
 	if err != nil {
 		return Proc{}, fmt.Errorf("opening log of %s: %w", name, err)
 	}
-	defer f.Close()
+	// The child has its own copy of the log fd; the parent never writes to f.
+	defer func() { _ = f.Close() }()
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.Env = append(os.Environ(), env...)

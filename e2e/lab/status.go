@@ -19,9 +19,14 @@ func (l *Lab) BinDir() string { return l.opts.BinDir }
 func (l *Lab) KubectlDir() string { return filepath.Dir(l.Kubectl()) }
 
 // PrintStatus writes the lab's processes and nodes.
+//
+// Everything goes through a tabwriter, and only its Flush is checked: a
+// write that fails midway leaves its text buffered, so Flush writes it again
+// and reports the failure. A line without a tab ends a table, so the header
+// lines do not disturb the columns.
 func (l *Lab) PrintStatus(ctx context.Context, w io.Writer) error {
-	fmt.Fprintf(w, "lab %q: %d nodes, up since %s\nKUBECONFIG=%s\n\n", l.state.Name, l.state.Nodes, l.state.Created.Format(time.RFC3339), l.state.Kubeconfig)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "lab %q: %d nodes, up since %s\nKUBECONFIG=%s\n\n", l.state.Name, l.state.Nodes, l.state.Created.Format(time.RFC3339), l.state.Kubeconfig)
 	fmt.Fprintln(tw, "PROCESS\tPID\tSTATE\tLOG")
 	down := 0
 	for _, p := range l.state.Procs {
@@ -32,7 +37,10 @@ func (l *Lab) PrintStatus(ctx context.Context, w io.Writer) error {
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\n", p.Name, p.PID, st, p.Log)
 	}
-	tw.Flush()
+	// Flushed before asking the API server, which may not answer.
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("writing status: %w", err)
+	}
 	cs, err := l.Client()
 	if err != nil {
 		return err
@@ -43,8 +51,7 @@ func (l *Lab) PrintStatus(ctx context.Context, w io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("listing nodes: %w", err)
 	}
-	fmt.Fprintln(w)
-	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw)
 	fmt.Fprintln(tw, "NODE\tREADY\tINTERNAL-IP\tPOD-CIDR")
 	for _, n := range nodes.Items {
 		ready, ip := "Unknown", ""
@@ -60,7 +67,9 @@ func (l *Lab) PrintStatus(ctx context.Context, w io.Writer) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", n.Name, ready, ip, n.Spec.PodCIDR)
 	}
-	tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("writing status: %w", err)
+	}
 	if down > 0 {
 		return fmt.Errorf("%d of the lab's processes have exited; see their logs", down)
 	}

@@ -2,6 +2,7 @@ package inpod
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -36,7 +37,7 @@ func (r *recorder) Add(_ context.Context, uid string, info *zdsapi.WorkloadInfo,
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if old := r.added[uid]; old != nil {
-		old.Close()
+		_ = old.Close()
 	}
 	r.added[uid] = ns
 	r.events <- "add " + uid + " " + info.GetNamespace() + "/" + info.GetName()
@@ -47,7 +48,7 @@ func (r *recorder) Del(uid string) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if ns := r.added[uid]; ns != nil {
-		ns.Close()
+		_ = ns.Close()
 	}
 	delete(r.added, uid)
 	r.deleted = append(r.deleted, uid)
@@ -61,7 +62,7 @@ func (r *recorder) Reconcile(present map[string]bool) {
 	r.present = present
 	for uid, ns := range r.added {
 		if !present[uid] {
-			ns.Close()
+			_ = ns.Close()
 			delete(r.added, uid)
 		}
 	}
@@ -115,10 +116,13 @@ func TestZDSSnapshotAndReconnect(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go srv.Serve(ctx)
-	defer srv.Close()
+	// Serve's error is not checked: the deferred Close makes it return one
+	// after the test is over, and a broken accept loop shows up as missing
+	// events below.
+	go func() { _ = srv.Serve(ctx) }()
+	defer func() { _ = srv.Close() }()
 	nsA, nsB := newNetns(t), newNetns(t)
-	if err := srv.Upsert("uid-a", &zdsapi.WorkloadInfo{Name: "a", Namespace: "ns"}, nsA); err != ErrNoZtunnel {
+	if err := srv.Upsert("uid-a", &zdsapi.WorkloadInfo{Name: "a", Namespace: "ns"}, nsA); !errors.Is(err, ErrNoZtunnel) {
 		t.Fatalf("upsert before ztunnel: %v", err)
 	}
 
@@ -126,7 +130,7 @@ func TestZDSSnapshotAndReconnect(t *testing.T) {
 	cctx, ccancel := context.WithCancel(ctx)
 	client := &Client{Path: sock, Handler: r, Log: log}
 	done := make(chan struct{})
-	go func() { client.Run(cctx); close(done) }()
+	go func() { _ = client.Run(cctx); close(done) }() // Run returns nil once cctx is done
 	expect(t, r, "add uid-a ns/a", "snapshot 1")
 
 	if err := srv.Upsert("uid-b", &zdsapi.WorkloadInfo{Name: "b", Namespace: "ns"}, nsB); err != nil {
@@ -142,7 +146,7 @@ func TestZDSSnapshotAndReconnect(t *testing.T) {
 	ccancel()
 	<-done
 	r2 := newRecorder()
-	go (&Client{Path: sock, Handler: r2, Log: log}).Run(ctx)
+	go func() { _ = (&Client{Path: sock, Handler: r2, Log: log}).Run(ctx) }()
 	expect(t, r2, "add uid-b ns/b", "snapshot 1")
 }
 
@@ -156,24 +160,25 @@ func TestNetNSListenAndDial(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ns.Close()
+	defer func() { _ = ns.Close() }()
 	ln, err := ns.Listen(context.Background(), "127.0.0.1:15001")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	go func() {
 		c, err := ln.Accept()
 		if err != nil {
 			return
 		}
 		dst, _ := OriginalDst(c)
-		fmt.Fprintf(c, "%s\n", dst)
-		c.Close()
+		// A failed write shows up as a wrong answer below.
+		_, _ = fmt.Fprintf(c, "%s\n", dst)
+		_ = c.Close()
 	}()
 	// Our own namespace has no such listener...
 	if c, err := net.DialTimeout("tcp", "127.0.0.1:15001", 200*time.Millisecond); err == nil {
-		c.Close()
+		_ = c.Close()
 		t.Fatal("listener leaked into the test's namespace")
 	}
 	// ...the pod's has.
@@ -181,7 +186,7 @@ func TestNetNSListenAndDial(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	b, _ := io.ReadAll(c)
 	if got := strings.TrimSpace(string(b)); got != "127.0.0.1:15001" {
 		t.Errorf("original dst %q", got)

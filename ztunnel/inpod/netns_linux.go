@@ -55,7 +55,7 @@ func (n *NetNS) Do(f func() error) error {
 			errc <- fmt.Errorf("opening own netns: %w", err)
 			return
 		}
-		defer self.Close()
+		defer func() { _ = self.Close() }() // read-only
 		if err := unix.Setns(int(n.f.Fd()), unix.CLONE_NEWNET); err != nil {
 			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("entering netns: %w", err)

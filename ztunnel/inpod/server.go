@@ -56,7 +56,7 @@ func NewServer(path string, log *slog.Logger) (*Server, error) {
 
 // Serve accepts ztunnel connections until ctx is done.
 func (s *Server) Serve(ctx context.Context) error {
-	go func() { <-ctx.Done(); s.ln.Close() }()
+	go func() { <-ctx.Done(); _ = s.ln.Close() }()
 	for {
 		c, err := s.ln.AcceptUnix()
 		if err != nil {
@@ -73,7 +73,7 @@ func (s *Server) Serve(ctx context.Context) error {
 func (s *Server) Close() error {
 	s.mu.Lock()
 	if s.conn != nil {
-		s.conn.conn.Close()
+		_ = s.conn.conn.Close()
 	}
 	s.mu.Unlock()
 	return s.ln.Close()
@@ -87,13 +87,13 @@ func (s *Server) handshake(c *net.UnixConn) {
 	}
 	if err != nil {
 		s.log.Warn("ZDS hello", "error", err)
-		c.Close()
+		_ = c.Close()
 		return
 	}
 	zc := &zdsConn{conn: c}
 	s.mu.Lock()
 	if s.conn != nil {
-		s.conn.conn.Close()
+		_ = s.conn.conn.Close()
 	}
 	s.conn = zc
 	snapshot := make([]string, 0, len(s.workloads))
@@ -157,7 +157,7 @@ func (zc *zdsConn) add(uid string, e entry) error {
 	if err != nil {
 		return fmt.Errorf("opening netns of %s: %w", uid, err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read-only; the fd is sent, not written
 	req := &zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_Add{Add: &zdsapi.AddWorkload{Uid: uid, WorkloadInfo: e.info}}}
 	return zc.request(req, int(f.Fd()))
 }
@@ -165,7 +165,7 @@ func (zc *zdsConn) add(uid string, e entry) error {
 // request sends one request and waits for its ack.
 func (zc *zdsConn) request(m proto.Message, fd int) error {
 	_ = zc.conn.SetDeadline(time.Now().Add(10 * time.Second))
-	defer zc.conn.SetDeadline(time.Time{})
+	defer func() { _ = zc.conn.SetDeadline(time.Time{}) }()
 	if err := send(zc.conn, m, fd); err != nil {
 		return fmt.Errorf("sending to ztunnel: %w", err)
 	}

@@ -78,8 +78,8 @@ func (c *Client) session(ctx context.Context) error {
 		return fmt.Errorf("connecting to the node agent at %s (is it running on this node?): %w", c.Path, err)
 	}
 	conn := raw.(*net.UnixConn)
-	defer conn.Close()
-	go func() { <-ctx.Done(); conn.Close() }()
+	defer func() { _ = conn.Close() }()
+	go func() { <-ctx.Done(); _ = conn.Close() }()
 	if err := send(conn, &zdsapi.ZdsHello{Version: zdsapi.Version_V1}, -1); err != nil {
 		return fmt.Errorf("sending hello: %w", err)
 	}
@@ -118,7 +118,7 @@ func (c *Client) session(ctx context.Context) error {
 			herr = errors.New("unknown ZDS request")
 		}
 		if fd >= 0 {
-			unix.Close(fd)
+			closeFD(fd)
 		}
 		ack := &zdsapi.WorkloadResponse{Payload: &zdsapi.WorkloadResponse_Ack{Ack: &zdsapi.Ack{}}}
 		if herr != nil {
@@ -171,14 +171,14 @@ func recv(conn *net.UnixConn, m proto.Message) (int, error) {
 				if i == 0 {
 					fd = f
 				} else {
-					unix.Close(f)
+					closeFD(f)
 				}
 			}
 		}
 	}
 	if err := proto.Unmarshal(buf[:n], m); err != nil {
 		if fd >= 0 {
-			unix.Close(fd)
+			closeFD(fd)
 		}
 		return -1, fmt.Errorf("decoding ZDS message: %w", err)
 	}

@@ -12,7 +12,6 @@ package nodeagent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -72,7 +71,11 @@ type Agent struct {
 
 	mu   sync.Mutex
 	pods map[types.UID]*podWorker
-	wg   sync.WaitGroup // pod workers
+	// stopping is set under mu when Run winds down; podChanged starts no
+	// pod worker after that, so Run's wg.Wait covers every worker there
+	// will ever be.
+	stopping bool
+	wg       sync.WaitGroup // pod workers; Add only under mu, with !stopping
 }
 
 // New returns an agent; Run starts it.
@@ -145,7 +148,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		cancel()
 	}
 	a.log.Info("node agent stopping: killing its pods")
-	a.mu.Lock() // no new workers once ctx is done
+	a.mu.Lock()
+	a.stopping = true
 	a.mu.Unlock()
 	a.wg.Wait()
 	return runErr
@@ -161,7 +165,7 @@ func (a *Agent) podChanged(ctx context.Context, pod *corev1.Pod) {
 				return // finished before we (re)started; nothing to run
 			}
 		}
-		if ctx.Err() != nil {
+		if a.stopping || ctx.Err() != nil {
 			return
 		}
 		w = newPodWorker(a, pod)
@@ -256,7 +260,6 @@ func (a *Agent) updateNodeStatus(ctx context.Context) error {
 			DaemonEndpoints: corev1.NodeDaemonEndpoints{KubeletEndpoint: corev1.DaemonEndpoint{Port: 10250}},
 			NodeInfo: corev1.NodeSystemInfo{
 				KubeletVersion:          "v1.36.0",
-				KubeProxyVersion:        "v1.36.0",
 				OperatingSystem:         "linux",
 				Architecture:            "amd64",
 				ContainerRuntimeVersion: "ambit-lab://1",
@@ -382,5 +385,3 @@ func (a *Agent) PodNetNS(namespace, pod string) (string, error) {
 }
 
 func (a *Agent) podDir(uid types.UID) string { return filepath.Join(a.opts.Dir, "pods", string(uid)) }
-
-var errPodGone = errors.New("pod gone")

@@ -333,7 +333,10 @@ func (w *podWorker) runOnce(ctx context.Context, c *ctr) (int, error) {
 		return -1, err
 	}
 	w.markDirty()
-	err = cmd.Wait()
+	// A non-zero exit comes back as an *exec.ExitError; the exit status is
+	// read from cmd.ProcessState instead, which also covers a signal. The
+	// container's output goes to a file, so Wait has no copying to fail.
+	_ = cmd.Wait()
 	code := 0
 	if cmd.ProcessState != nil {
 		code = cmd.ProcessState.ExitCode()
@@ -429,7 +432,7 @@ func (w *podWorker) startProcess(ctx context.Context, c *ctr) (*exec.Cmd, error)
 	if err != nil {
 		return nil, fmt.Errorf("opening cgroup %s: %w", cg, err)
 	}
-	defer syscall.Close(cgfd)
+	defer func() { _ = syscall.Close(cgfd) }() // read-only; the child got its own
 	logDir := filepath.Join(dir, "logs", c.spec.Name)
 	if err := os.MkdirAll(logDir, 0o755); err != nil {
 		return nil, err
@@ -439,7 +442,9 @@ func (w *podWorker) startProcess(ctx context.Context, c *ctr) (*exec.Cmd, error)
 	if err != nil {
 		return nil, err
 	}
-	defer logf.Close()
+	// The child writes to its own copy of the log fd; the agent never
+	// writes to logf, so closing it has nothing to lose.
+	defer func() { _ = logf.Close() }()
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err

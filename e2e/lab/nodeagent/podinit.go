@@ -71,10 +71,11 @@ func PodInit(specJSON string) error {
 		if err != nil {
 			return fmt.Errorf("opening netns %s: %w", s.NetNS, err)
 		}
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+		err = unix.Setns(fd, unix.CLONE_NEWNET)
+		_ = unix.Close(fd) // read-only; the thread stays in the namespace without it
+		if err != nil {
 			return fmt.Errorf("entering netns %s: %w", s.NetNS, err)
 		}
-		unix.Close(fd)
 	}
 	if s.WorkingDir != "" {
 		if err := os.Chdir(s.WorkingDir); err != nil {
@@ -88,7 +89,9 @@ func PodInit(specJSON string) error {
 	if !strings.Contains(path, "/") {
 		for _, e := range s.Env {
 			if p, ok := strings.CutPrefix(e, "PATH="); ok {
-				os.Setenv("PATH", p)
+				if err := os.Setenv("PATH", p); err != nil {
+					return fmt.Errorf("setting PATH for the command lookup: %w", err)
+				}
 			}
 		}
 		lp, err := exec.LookPath(path)
@@ -147,7 +150,9 @@ func ensureMountPoint(target string, dir bool, logFile string) error {
 		if err != nil {
 			return err
 		}
-		f.Close()
+		if err := f.Close(); err != nil {
+			return err
+		}
 	}
 	created = append(created, target)
 	if logFile != "" {
@@ -155,9 +160,8 @@ func ensureMountPoint(target string, dir bool, logFile string) error {
 		if err != nil {
 			return err
 		}
-		defer f.Close()
 		_, err = f.WriteString(strings.Join(created, "\n") + "\n")
-		return err
+		return errors.Join(err, f.Close())
 	}
 	return nil
 }

@@ -130,7 +130,7 @@ func (w *podWorker) runProbe(ctx context.Context, c *ctr, p *corev1.Probe, ip st
 		if err != nil {
 			return err
 		}
-		resp.Body.Close()
+		_ = resp.Body.Close() // only the status counts
 		if resp.StatusCode < 200 || resp.StatusCode >= 400 {
 			return fmt.Errorf("HTTP probe: status %d", resp.StatusCode)
 		}

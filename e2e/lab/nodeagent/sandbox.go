@@ -74,7 +74,7 @@ func (a *Agent) createSandbox(ctx context.Context, pod *corev1.Pod) (*sandbox, e
 	}
 	// The pod's loopback, as containerd brings it up: the CNI loopback
 	// plugin, outside the node's conflist.
-	lo, err := libcni.ConfFromBytes([]byte(loopbackConf))
+	lo, err := libcni.NetworkPluginConfFromBytes([]byte(loopbackConf))
 	if err != nil {
 		return nil, err
 	}

@@ -333,16 +333,16 @@ func TestWriteKubeconfig(t *testing.T) {
 			if cfg.Host != tc.server {
 				t.Errorf("Host = %q, want %q", cfg.Host, tc.server)
 			}
-			if !bytes.Equal(cfg.TLSClientConfig.CAData, ca.CertPEM) {
+			if !bytes.Equal(cfg.CAData, ca.CertPEM) {
 				t.Error("CAData differs from CA certificate")
 			}
-			if !bytes.Equal(cfg.TLSClientConfig.CertData, kp.CertPEM) {
+			if !bytes.Equal(cfg.CertData, kp.CertPEM) {
 				t.Error("CertData differs from client certificate")
 			}
-			if !bytes.Equal(cfg.TLSClientConfig.KeyData, kp.KeyPEM) {
+			if !bytes.Equal(cfg.KeyData, kp.KeyPEM) {
 				t.Error("KeyData differs from client key")
 			}
-			if cfg.TLSClientConfig.Insecure {
+			if cfg.Insecure {
 				t.Error("Insecure is set")
 			}
 			fi, err := os.Stat(path)
@@ -413,8 +413,10 @@ func TestHandshake(t *testing.T) {
 				RootCAs:      pool,
 				ServerName:   tc.serverName,
 			})
-			defer srv.Close()
-			defer cli.Close()
+			// Both ends are closed below already; these are for an
+			// early return.
+			defer func() { _ = srv.Close() }()
+			defer func() { _ = cli.Close() }()
 
 			type result struct {
 				cn  string
@@ -435,14 +437,14 @@ func TestHandshake(t *testing.T) {
 					_, r.err = srv.Write([]byte{1})
 				}
 				// Unblock a client still waiting on the pipe.
-				sc.Close()
+				_ = sc.Close()
 				done <- r
 			}()
 			cliErr := cli.HandshakeContext(ctx)
 			if cliErr == nil {
 				_, cliErr = io.ReadFull(cli, make([]byte, 1))
 			}
-			cc.Close()
+			_ = cc.Close()
 			r := <-done
 
 			gotErr := cliErr != nil || r.err != nil

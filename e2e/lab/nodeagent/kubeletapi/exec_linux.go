@@ -64,7 +64,7 @@ func runInContainer(ctx context.Context, c Container, argv []string, in io.Reade
 		if err != nil {
 			return fmt.Errorf("opening cgroup of container: %w", err)
 		}
-		defer unix.Close(fd)
+		defer func() { _ = unix.Close(fd) }() // read-only, only needed for the clone
 		cmd.SysProcAttr.UseCgroupFD = true
 		cmd.SysProcAttr.CgroupFD = fd
 	}
@@ -130,11 +130,13 @@ func runPipes(cmd *exec.Cmd, in io.Reader, out, errw io.Writer) error {
 			return fmt.Errorf("creating stdin pipe: %w", err)
 		}
 		cmd.Stdin, stdinW = r, w
-		defer w.Close()
+		// For the paths where the copy below never starts; after it, this
+		// Close only reports os.ErrClosed.
+		defer func() { _ = w.Close() }()
 	}
 	err := cmd.Start()
 	if r, ok := cmd.Stdin.(*os.File); ok {
-		r.Close() // the child has its own copy
+		_ = r.Close() // the child has its own copy
 	}
 	if err != nil {
 		return fmt.Errorf("starting nsenter: %w", err)
@@ -155,13 +157,13 @@ func runTTY(cmd *exec.Cmd, in io.Reader, out io.Writer, resize <-chan remotecomm
 	if err != nil {
 		return err
 	}
-	defer ptmx.Close()
+	defer func() { _ = ptmx.Close() }() // also closed below on a slow exit
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = pts, pts, pts
 	cmd.SysProcAttr.Setsid = true
 	cmd.SysProcAttr.Setctty = true
 	cmd.SysProcAttr.Ctty = 0 // the child's stdin
 	err = cmd.Start()
-	pts.Close()
+	_ = pts.Close() // the child has its own copy
 	if err != nil {
 		return fmt.Errorf("starting nsenter: %w", err)
 	}
@@ -196,7 +198,7 @@ func runTTY(cmd *exec.Cmd, in io.Reader, out io.Writer, resize <-chan remotecomm
 	select {
 	case <-copied:
 	case <-time.After(outputGrace):
-		ptmx.Close()
+		_ = ptmx.Close() // ends the copy
 		<-copied
 	}
 	return err
@@ -223,13 +225,13 @@ func openPTY() (ptmx, pts *os.File, err error) {
 		err = errors.Join(err, cerr)
 	}
 	if err != nil {
-		ptmx.Close()
+		_ = ptmx.Close()
 		return nil, nil, fmt.Errorf("unlocking tty: %w", err)
 	}
 	name := "/dev/pts/" + strconv.FormatUint(uint64(n), 10)
 	pts, err = os.OpenFile(name, os.O_RDWR|unix.O_NOCTTY, 0)
 	if err != nil {
-		ptmx.Close()
+		_ = ptmx.Close()
 		return nil, nil, fmt.Errorf("opening %s: %w", name, err)
 	}
 	return ptmx, pts, nil

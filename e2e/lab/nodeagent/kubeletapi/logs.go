@@ -168,7 +168,7 @@ func (s *Server) containerLogs(w http.ResponseWriter, r *http.Request) {
 		writeError(w, fmt.Errorf("opening log of container %s in pod %s/%s: %w", ctr, ns, pod, err))
 		return
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read-only
 	fi, err := f.Stat()
 	if err != nil {
 		writeError(w, fmt.Errorf("reading log %s: %w", path, err))

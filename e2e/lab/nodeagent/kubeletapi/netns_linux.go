@@ -31,7 +31,7 @@ func dialInNetNS(ctx context.Context, nsPath string, port int32) (net.Conn, erro
 	if err != nil {
 		return nil, fmt.Errorf("opening pod network namespace: %w", err)
 	}
-	defer target.Close()
+	defer func() { _ = target.Close() }() // read-only
 
 	type result struct {
 		c   net.Conn
@@ -45,7 +45,7 @@ func dialInNetNS(ctx context.Context, nsPath string, port int32) (net.Conn, erro
 			ch <- result{err: fmt.Errorf("opening own network namespace: %w", err)}
 			return
 		}
-		defer self.Close()
+		defer func() { _ = self.Close() }() // read-only
 		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
 			runtime.UnlockOSThread()
 			ch <- result{err: fmt.Errorf("entering network namespace %s: %w", nsPath, err)}

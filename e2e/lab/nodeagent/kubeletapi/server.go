@@ -214,7 +214,10 @@ func (s *Server) ServeListener(ctx context.Context, ln net.Listener) error {
 	if err := srv.Shutdown(sctx); err != nil {
 		_ = srv.Close()
 	}
-	<-errc
+	// Serve returns http.ErrServerClosed once Shutdown or Close has begun.
+	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
+		s.log.Warn("kubelet API server ended during shutdown", "error", err)
+	}
 	return nil
 }
 

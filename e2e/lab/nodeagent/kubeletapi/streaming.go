@@ -100,7 +100,7 @@ func (f forwarder) PortForward(_ context.Context, _, _ string, port int32, strea
 		return fmt.Errorf("dialing port %d in pod %s (is the pod listening on 127.0.0.1:%d or [::1]:%d?): %w",
 			port, f.pod, port, port, err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	stop := context.AfterFunc(f.ctx, func() { _ = conn.Close() })
 	defer stop()
 	go func() {

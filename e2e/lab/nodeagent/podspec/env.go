@@ -145,7 +145,7 @@ func Env(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, c *c
 			var s *corev1.Secret
 			if s, err = secret(ref.Name, ref.Optional); err == nil {
 				if val, ok = secretValue(s, ref.Key); !ok && !isTrue(ref.Optional) {
-					err = fmt.Errorf("Secret %s/%s has no key %q", pod.Namespace, ref.Name, ref.Key)
+					err = fmt.Errorf("secret %s/%s has no key %q", pod.Namespace, ref.Name, ref.Key)
 				}
 			}
 		case from.FileKeyRef != nil:

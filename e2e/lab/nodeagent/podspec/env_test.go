@@ -245,7 +245,7 @@ func TestEnvCases(t *testing.T) {
 		{
 			name:    "missing Secret in envFrom",
 			envFrom: []corev1.EnvFromSource{{SecretRef: &corev1.SecretEnvSource{LocalObjectReference: corev1.LocalObjectReference{Name: "absent"}}}},
-			wantErr: "envFrom: Secret shop/absent not found",
+			wantErr: "envFrom: secret shop/absent not found",
 		},
 		{
 			name:    "missing ConfigMap key",
@@ -255,12 +255,12 @@ func TestEnvCases(t *testing.T) {
 		{
 			name:    "missing Secret key",
 			env:     []corev1.EnvVar{secretKeyEnv("X", "creds", "nope", ptr.To(false))},
-			wantErr: `env X: Secret shop/creds has no key "nope"`,
+			wantErr: `env X: secret shop/creds has no key "nope"`,
 		},
 		{
 			name:    "missing Secret",
 			env:     []corev1.EnvVar{secretKeyEnv("X", "absent", "k", nil)},
-			wantErr: "env X: Secret shop/absent not found and not marked optional",
+			wantErr: "env X: secret shop/absent not found and not marked optional",
 		},
 		{
 			name: "optional then required reference to a missing ConfigMap",

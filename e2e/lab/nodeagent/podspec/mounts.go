@@ -32,7 +32,7 @@ func setupHostPath(hp *corev1.HostPathVolumeSource) error {
 		// Opening an existing directory fails; the type check below says
 		// so more clearly.
 		if f, err := os.OpenFile(p, os.O_RDONLY|os.O_CREATE, 0o644); err == nil {
-			f.Close()
+			_ = f.Close() // read-only, nothing written
 		} else if _, serr := os.Stat(p); serr != nil {
 			return fmt.Errorf("hostPath %s (FileOrCreate): %w", p, err)
 		}

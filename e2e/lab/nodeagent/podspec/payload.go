@@ -75,7 +75,7 @@ func secretPayload(items []corev1.KeyToPath, s *corev1.Secret, mode int32, optio
 			if optional {
 				continue
 			}
-			return nil, fmt.Errorf("Secret %s/%s has no key %q", s.Namespace, s.Name, it.Key)
+			return nil, fmt.Errorf("secret %s/%s has no key %q", s.Namespace, s.Name, it.Key)
 		}
 		p[it.Path] = file{data: data, mode: modeOr(it.Mode, mode)}
 	}

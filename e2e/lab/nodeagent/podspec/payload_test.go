@@ -92,7 +92,7 @@ func TestSecretPayload(t *testing.T) {
 		{
 			name: "missing key", mode: 0o644,
 			items:   []corev1.KeyToPath{{Key: "ca.crt", Path: "ca.crt"}},
-			wantErr: `Secret shop/tls has no key "ca.crt"`,
+			wantErr: `secret shop/tls has no key "ca.crt"`,
 		},
 		{
 			name: "missing key, optional", mode: 0o644, optional: true,

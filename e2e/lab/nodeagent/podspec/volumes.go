@@ -425,7 +425,7 @@ func getSecret(ctx context.Context, client kubernetes.Interface, ns, name string
 	case apierrors.IsNotFound(err) && optional:
 		return nil, nil
 	case apierrors.IsNotFound(err):
-		return nil, fmt.Errorf("Secret %s/%s not found and not marked optional: create it or set optional: true", ns, name)
+		return nil, fmt.Errorf("secret %s/%s not found and not marked optional: create it or set optional: true", ns, name)
 	default:
 		return nil, fmt.Errorf("getting Secret %s/%s: %w", ns, name, err)
 	}

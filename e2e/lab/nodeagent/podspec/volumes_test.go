@@ -264,12 +264,12 @@ func TestSetupErrors(t *testing.T) {
 		{
 			name:    "missing Secret",
 			volumes: []corev1.Volume{{Name: "tls", VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{SecretName: "tls"}}}},
-			wantErr: []string{`volume "tls"`, "Secret shop/tls not found and not marked optional"},
+			wantErr: []string{`volume "tls"`, "secret shop/tls not found and not marked optional"},
 		},
 		{
 			name:    "missing Secret in a projection",
 			volumes: []corev1.Volume{projected(corev1.VolumeProjection{Secret: &corev1.SecretProjection{LocalObjectReference: corev1.LocalObjectReference{Name: "tls"}}})},
-			wantErr: []string{`volume "proj"`, "Secret shop/tls not found"},
+			wantErr: []string{`volume "proj"`, "secret shop/tls not found"},
 		},
 		{
 			name: "missing key of an existing ConfigMap",
@@ -340,7 +340,7 @@ func TestHostPathTypes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	defer func() { _ = l.Close() }()
 
 	tests := []struct {
 		name    string
@@ -638,7 +638,7 @@ func TestMounts(t *testing.T) {
 			want: []Mount{{Source: filepath.Join(cache, "a", "b"), Target: "/data"}},
 			check: func(t *testing.T) {
 				st, err := os.Stat(filepath.Join(cache, "a", "b"))
-				if err != nil || !st.IsDir() || st.Mode().Perm() != 0o777&^umask() {
+				if err != nil || !st.IsDir() || st.Mode().Perm() != 0o777&^umask(t) {
 					t.Errorf("subPath dir: %v %v, want a directory with the volume's mode", st.Mode(), err)
 				}
 			},
@@ -725,13 +725,15 @@ func TestMounts(t *testing.T) {
 }
 
 // umask is the test process's umask, which MkdirAll applies.
-func umask() os.FileMode {
-	dir := filepath.Join(os.TempDir(), fmt.Sprintf("umask-probe-%d", os.Getpid()))
-	os.Mkdir(dir, 0o777)
-	defer os.Remove(dir)
+func umask(t *testing.T) os.FileMode {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "umask-probe")
+	if err := os.Mkdir(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
 	st, err := os.Stat(dir)
 	if err != nil {
-		return 0
+		t.Fatal(err)
 	}
 	return 0o777 &^ st.Mode().Perm()
 }

@@ -101,7 +101,9 @@ func writeFile(full string, f file) error {
 	if err != nil {
 		return err
 	}
-	defer os.Remove(tmp.Name()) // no-op after the rename
+	// Best effort, and a no-op after the rename: a temporary file left over
+	// is removed by the next write of the directory.
+	defer func() { _ = os.Remove(tmp.Name()) }()
 	_, err = tmp.Write(f.data)
 	// Chmod after create, so that the agent's umask does not narrow the
 	// mode the pod asked for.

@@ -38,13 +38,16 @@ func tree(t *testing.T, dir string) map[string]string {
 func dirs(t *testing.T, dir string) []string {
 	t.Helper()
 	var out []string
-	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err == nil && d.IsDir() && p != dir {
 			rel, _ := filepath.Rel(dir, p)
 			out = append(out, filepath.ToSlash(rel))
 		}
 		return err
 	})
+	if err != nil {
+		t.Fatal(err)
+	}
 	return out
 }
 

@@ -14,8 +14,11 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/ambitmesh/ambit/e2e/lab/nodeagent"
 )
 
 // NodeDir is where node i keeps its CNI configuration, IPAM state and pods.
@@ -211,3 +214,27 @@ func (k KubectlCmd) WithStdin(b []byte) KubectlCmd {
 	k.Stdin = bytes.NewReader(b)
 	return k
 }
+
+// PodNetnsPath is the network namespace of a pod (not host-network) of the
+// lab, as its node agent made it.
+func (l *Lab) PodNetnsPath(uid types.UID) string {
+	return netnsPath(nodeagent.PodNetnsName(l.opts.Name, uid))
+}
+
+// NodeIndex returns the 1-based index of a node by name.
+func NodeIndex(name string) (int, bool) {
+	var i int
+	if _, err := fmt.Sscanf(name, "node-%d", &i); err != nil {
+		return 0, false
+	}
+	return i, true
+}
+
+// InNode returns a command that runs argv in node i's network namespace.
+func (l *Lab) InNode(ctx context.Context, i int, argv ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + netnsPath(l.nodeNetns(i)), "--"}, argv...)...)
+}
+
+// ControlPlaneNetns is the control plane's network namespace (it holds the
+// underlay bridge br0).
+func (l *Lab) ControlPlaneNetns() string { return netnsPath(l.cpNetns()) }

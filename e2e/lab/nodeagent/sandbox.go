@@ -13,6 +13,7 @@ import (
 	"github.com/containernetworking/cni/libcni"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
 )
 
 // sandbox is a pod's network: its namespace, made through the node's CNI
@@ -130,7 +131,13 @@ func (a *Agent) deleteSandbox(ctx context.Context, pod *corev1.Pod, sb *sandbox)
 }
 
 func (a *Agent) podNetnsName(pod *corev1.Pod) string {
-	return fmt.Sprintf("%s-pod-%s", a.opts.NetnsPrefix, strings.ReplaceAll(string(pod.UID), "-", "")[:12])
+	return PodNetnsName(a.opts.NetnsPrefix, pod.UID)
+}
+
+// PodNetnsName is the name of the network namespace of the pod with uid,
+// under /run/netns, for a lab whose namespaces are prefixed with prefix.
+func PodNetnsName(prefix string, uid types.UID) string {
+	return fmt.Sprintf("%s-pod-%s", prefix, strings.ReplaceAll(string(uid), "-", "")[:12])
 }
 
 // resolvConf returns the contents of the pod's /etc/resolv.conf for its DNS

@@ -27,7 +27,7 @@ deps: ## Install missing Debian packages (as root on Debian; elsewhere print wha
 
 .PHONY: build
 build: deps kube images ## Build every binary into bin/.
-	go build -o $(BIN)/lab ./cmd/lab
+	go build -o $(BIN)/ ./cmd/lab ./cmd/controller ./cmd/ztunnel
 
 # The Kubernetes release and etcd, built once from the module proxy and kept
 # in bin/kube-<version>/. One multi-call binary links once instead of five.

@@ -100,7 +100,7 @@ func (w *podWorker) update(pod *corev1.Pod) {
 	w.mu.Unlock()
 	if vols != nil {
 		// Downward API files follow label and annotation changes.
-		if err := vols.UpdatePod(pod); err != nil {
+		if err := vols.UpdatePod(w.a.nodeLocalHostPaths(pod)); err != nil {
 			w.log.Warn("updating downward API volumes", "error", err)
 		}
 	}

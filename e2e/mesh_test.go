@@ -134,6 +134,15 @@ spec:
           periodSeconds: 1
 ---
 apiVersion: v1
+kind: Pod
+metadata: {name: plain-client, namespace: plain}
+spec:
+  nodeName: node-2
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: client, image: curlimages/curl, command: [/bin/sleep, infinity]}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: echo, namespace: plain}
 spec:
@@ -238,6 +247,7 @@ func TestMesh(t *testing.T) {
 	kubectl("-n", "mesh-a", "rollout", "status", "deploy/echo", "--timeout=120s")
 	kubectl("-n", "plain", "rollout", "status", "deploy/echo", "--timeout=120s")
 	kubectl("-n", "mesh-b", "wait", "--for=condition=Ready", "pod/client-1", "pod/client-2", "--timeout=120s")
+	kubectl("-n", "plain", "wait", "--for=condition=Ready", "pod/plain-client", "--timeout=120s")
 	for _, ns := range []string{"mesh-a", "mesh-b"} {
 		pods, err := cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
 		if err != nil {
@@ -281,6 +291,42 @@ func TestMesh(t *testing.T) {
 		out, err := curl("client-1", "http://echo.plain.svc.cluster.local/")
 		if err != nil || !strings.Contains(out, "Hostname=echo-") {
 			t.Errorf("passthrough to a non-mesh service: %v %s", err, out)
+		}
+	})
+
+	t.Run("plaintext inbound until STRICT", func(t *testing.T) {
+		plain := func() error {
+			_, err := l.KubectlCmd(ctx, "-n", "plain", "exec", "plain-client", "--", "curl", "-sS", "--max-time", "3", "http://echo.mesh-a.svc.cluster.local/").CombinedOutput()
+			return err
+		}
+		if err := plain(); err != nil {
+			t.Fatalf("plaintext from outside the mesh, no PeerAuthentication: %v", err)
+		}
+		kubectlApply(t, ctx, l, `
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: mesh-a}
+spec:
+  mtls: {mode: STRICT}
+`)
+		waitFor(t, 10*time.Second, func() (bool, string) {
+			return plain() != nil, "plaintext still accepted under STRICT"
+		})
+		if out, err := curl("client-1", "http://echo.mesh-a.svc.cluster.local/"); err != nil {
+			t.Errorf("mTLS client under STRICT: %v %s", err, out)
+		}
+		kubectl("-n", "mesh-a", "delete", "peerauthentication", "strict")
+	})
+
+	t.Run("admin config dump", func(t *testing.T) {
+		out, err := l.InNode(ctx, 1, "curl", "-sS", "http://127.0.0.1:15000/config_dump").CombinedOutput()
+		if err != nil {
+			t.Fatalf("config dump: %v %s", err, out)
+		}
+		for _, want := range []string{`"certificates"`, "spiffe://cluster.local/ns/mesh-a/sa/default", `"workloads"`, "echo.mesh-a.svc.cluster.local"} {
+			if !strings.Contains(string(out), want) {
+				t.Errorf("config dump lacks %s", want)
+			}
 		}
 	})
 
@@ -429,6 +475,32 @@ spec:
 		}
 		kubectl("-n", "istio-system", "scale", "deploy/ambit-controller", "--replicas=1")
 		kubectl("-n", "istio-system", "rollout", "status", "deploy/ambit-controller", "--timeout=120s")
+	})
+
+	t.Run("L7 fields at ztunnel are reported in status", func(t *testing.T) {
+		kubectlApply(t, ctx, l, `
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-only, namespace: plain}
+spec:
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        methods: ["GET"]
+`)
+		waitFor(t, 30*time.Second, func() (bool, string) {
+			out, err := l.KubectlCmd(ctx, "-n", "plain", "get", "authorizationpolicy", "get-only",
+				"-o", `jsonpath={range .status.conditions[*]}{.type}={.status}/{.reason}: {.message}{"\n"}{end}`).CombinedOutput()
+			if err != nil {
+				return false, string(out)
+			}
+			return strings.Contains(string(out), "ZtunnelAccepted=False/UnsupportedValue") && strings.Contains(string(out), "methods"), string(out)
+		})
+		events := kubectl("-n", "plain", "get", "events", "--field-selector", "involvedObject.name=get-only", "-o", "jsonpath={.items[*].reason}")
+		if !strings.Contains(events, "UnsupportedValue") {
+			t.Errorf("no UnsupportedValue event for the policy: %q", events)
+		}
 	})
 
 	t.Run("forged CSR is refused", func(t *testing.T) {

@@ -84,8 +84,11 @@ func run() error {
 		LeaderElection:          *leaderElect,
 		LeaderElectionID:        "ambit-controller",
 		LeaderElectionNamespace: *namespace,
-		Metrics:                 metricsserver.Options{BindAddress: *metricsAddr},
-		HealthProbeBindAddress:  *probeAddr,
+		// Hand the lease over on a clean stop instead of letting it
+		// expire: the next replica writes status at once.
+		LeaderElectionReleaseOnCancel: true,
+		Metrics:                       metricsserver.Options{BindAddress: *metricsAddr},
+		HealthProbeBindAddress:        *probeAddr,
 	})
 	if err != nil {
 		return fmt.Errorf("creating the manager: %w", err)
@@ -105,7 +108,13 @@ func run() error {
 		MinVersion:     tls.VersionTLS12,
 		GetCertificate: authority.GetServingCertificate(24*time.Hour, host, host+".cluster.local", *serviceName),
 	}
-	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsConf)))
+	g := grpc.NewServer(
+		grpc.Creds(credentials.NewTLS(tlsConf)),
+		// xDS callers authenticate with their token, like CA callers.
+		grpc.ChainStreamInterceptor(caServer.StreamAuthenticator("/envoy.service.discovery.v3.AggregatedDiscoveryService/")),
+		// A reconnecting node lists every resource name it holds.
+		grpc.MaxRecvMsgSize(64<<20),
+	)
 	caServer.Register(g)
 	xdsServer.Register(g)
 	if err := mgr.Add(grpcRunnable{g: g, addr: *grpcAddr, log: log}); err != nil {

@@ -18,8 +18,10 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	metav1alpha1 "istio.io/api/meta/v1alpha1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
@@ -63,8 +65,16 @@ func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 	all := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request {
 		return []reconcile.Request{meshKey}
 	})
+	// Becoming leader is a change too: status and trust bundles are
+	// written by the leader only, so the new one reconciles at once.
+	elected := make(chan event.GenericEvent, 1)
+	go func() {
+		<-r.Elected
+		elected <- event.GenericEvent{Object: &corev1.Namespace{}}
+	}()
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("mesh").
+		WatchesRawSource(source.Channel(elected, all)).
 		WithOptions(controller.Options{NeedLeaderElection: ptr.To(false), MaxConcurrentReconciles: 1}).
 		Watches(&corev1.Namespace{}, all).
 		Watches(&corev1.Pod{}, all).

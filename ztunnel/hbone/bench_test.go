@@ -79,17 +79,38 @@ func TestZeroAllocs(t *testing.T) {
 					}
 				}
 			}
-			runs(16)() // fill the pools, cross several window updates
-			base := countAllocs(runs(8))
-			more := countAllocs(runs(72))
-			if extra := more.ours.n - base.ours.n; extra > 0 {
-				t.Errorf("64 more runs of 1 MiB write+read made %d more allocations, want 0:\n%s", extra, more.ours.moreThan(base.ours))
+			// Fill the free lists to their high-water mark and cross many
+			// window updates.
+			runs(128)()
+			// A rare interleaving may still need one more buffer in flight
+			// than ever before: the free lists grow once and the next
+			// measurement is clean. An allocation per operation fails every
+			// attempt.
+			var problems []string
+			for range 3 {
+				problems = problems[:0]
+				base := countAllocs(runs(8))
+				more := countAllocs(runs(72))
+				if extra := more.ours.n - base.ours.n; extra > 0 {
+					problems = append(problems, fmt.Sprintf("64 more runs of 1 MiB write+read made %d more allocations here, want 0:\n%s", extra, more.ours.moreThan(base.ours)))
+				}
+				// The standard library's and the runtime's caches (crypto/tls's
+				// record buffer pool, sudogs, sync.Pool's per-P arrays) refill
+				// after the count's GC and when goroutines move between Ps:
+				// a few times, not once per operation.
+				if extra := more.caches.n - base.caches.n; extra > 16 {
+					problems = append(problems, fmt.Sprintf("64 more runs of 1 MiB write+read made %d more allocations in the standard library, want a few:\n%s", extra, more.caches.moreThan(base.caches)))
+				}
+				if max := int64(72 * (1 << 20) / (8 << 10)); more.tlsReads.n > max {
+					problems = append(problems, fmt.Sprintf("crypto/tls allocated %d times reading 72 MiB, want <= %d", more.tlsReads.n, max))
+				}
+				t.Logf("allocations for 8 and 72 MiB: here %d and %d; stdlib caches %d and %d; crypto/tls record reads %d and %d",
+					base.ours.n, more.ours.n, base.caches.n, more.caches.n, base.tlsReads.n, more.tlsReads.n)
+				if len(problems) == 0 {
+					return
+				}
 			}
-			if max := int64(72 * (1 << 20) / (8 << 10)); more.tlsReads.n > max {
-				t.Errorf("crypto/tls allocated %d times reading 72 MiB, want <= %d", more.tlsReads.n, max)
-			}
-			t.Logf("allocations for 8 and 72 MiB: %d and %d on the data path (one-off cache refills after GC), %d and %d in crypto/tls record reads",
-				base.ours.n, more.ours.n, base.tlsReads.n, more.tlsReads.n)
+			t.Error(strings.Join(problems, "\n"))
 		})
 	}
 }
@@ -112,8 +133,20 @@ func (c allocCount) moreThan(base allocCount) string {
 }
 
 type allocCounts struct {
-	ours     allocCount // by the engine or below it
+	ours     allocCount // made by this package
 	tlsReads allocCount // crypto/tls's reader per socket refill
+	caches   allocCount // other stdlib and runtime allocations under the data path
+}
+
+// allocator lists the runtime functions that allocate on behalf of their caller.
+var allocator = map[string]bool{
+	"runtime.mallocgc": true, "runtime.newobject": true, "runtime.makeslice": true,
+	"runtime.growslice": true, "runtime.makeslicecopy": true, "runtime.makemap": true,
+	"runtime.makemap_small": true, "runtime.newarray": true, "runtime.convTslice": true,
+	"runtime.convT": true, "runtime.convT64": true, "runtime.convTstring": true,
+	"runtime.concatstrings": true, "runtime.rawstring": true, "runtime.rawbyteslice": true,
+	"runtime.slicebytetostring": true, "runtime.mapassign": true, "runtime.mapassign_faststr": true,
+	"internal/runtime/maps.newarray": true, "internal/runtime/maps.NewMap": true,
 }
 
 // countAllocs runs f with every allocation profiled and without GC, and
@@ -166,16 +199,26 @@ func countAllocs(f func()) allocCounts {
 		has := func(sub string) bool {
 			return slices.ContainsFunc(fns, func(fn string) bool { return strings.Contains(fn, sub) })
 		}
+		// The allocation site is the caller of the allocator.
+		site := ""
+		for _, fn := range fns {
+			if !allocator[fn] {
+				site = fn
+				break
+			}
+		}
 		var into *allocCount
 		switch {
 		case has("countAllocs.func"): // the snapshots themselves
 			continue
-		case has("crypto/tls.(*Conn).readFromUntil"):
+		case !has("ztunnel/hbone."): // not on the data path
+			continue
+		case site == "crypto/tls.(*Conn).readFromUntil":
 			into = &c.tlsReads
-		case has("ztunnel/hbone."):
+		case strings.Contains(site, "ztunnel/hbone."):
 			into = &c.ours
 		default:
-			continue
+			into = &c.caches
 		}
 		into.n += n
 		into.where += fmt.Sprintf("  %d at\n%s", n, trace.String())

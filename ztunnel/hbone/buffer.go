@@ -1,19 +1,93 @@
 package hbone
 
-import "sync"
+import (
+	"sync"
+	"time"
+)
 
-// blockSize is the size of the pooled buffers used for receive queues and
-// copies. 256 KiB copy buffers measured 12-30% faster than smaller ones, and
+// blockSize is the size of the buffers used for receive queues and copies.
+// 256 KiB copy buffers measured 12-30% faster than smaller ones, and
 // unpooled buffers halved the connection rate (PERF-FACTS).
 const blockSize = 256 << 10
 
-var blockPool = sync.Pool{New: func() any {
-	b := make([]byte, blockSize)
-	return &b
-}}
+var (
+	blocks = newBufCache(blockSize, blockSize, 32)
+	// wireBufs hold a connection's queued ciphertext (see wire).
+	wireBufs = newBufCache(0, wireBufSize, 8)
+)
 
-func getBlock() *[]byte  { return blockPool.Get().(*[]byte) }
-func putBlock(b *[]byte) { blockPool.Put(b) }
+func getBlock() *[]byte  { return blocks.get() }
+func putBlock(b *[]byte) { blocks.put(b) }
+
+// bufCache is a free list of buffers of one size.
+//
+// sync.Pool is not used because a buffer Put on one P sits in that P's
+// private slot, out of reach of a Get on another, and the data path hands
+// buffers across goroutines all the time (the frame reader fills a block,
+// the stream's reader frees it): with sync.Pool it kept allocating 256 KiB
+// and 1.3 MiB buffers now and then. Here any Get after a Put hits.
+//
+// To keep an idle tunnel small, buffers are dropped for the GC when the
+// cache has gone a whole sweep period without a Get; at most max are kept.
+type bufCache struct {
+	len, cap, max int
+
+	mu    sync.Mutex
+	free  []*[]byte
+	used  bool // a get since the last sweep
+	timer *time.Timer
+	armed bool
+}
+
+const sweepPeriod = 2 * time.Second
+
+func newBufCache(length, capacity, max int) *bufCache {
+	c := &bufCache{len: length, cap: capacity, max: max, free: make([]*[]byte, 0, max)}
+	c.timer = time.AfterFunc(time.Hour, c.sweep)
+	c.timer.Stop()
+	return c
+}
+
+func (c *bufCache) get() *[]byte {
+	c.mu.Lock()
+	c.used = true
+	if n := len(c.free); n > 0 {
+		b := c.free[n-1]
+		c.free[n-1] = nil
+		c.free = c.free[:n-1]
+		c.mu.Unlock()
+		return b
+	}
+	c.mu.Unlock()
+	b := make([]byte, c.len, c.cap)
+	return &b
+}
+
+func (c *bufCache) put(b *[]byte) {
+	*b = (*b)[:c.len]
+	c.mu.Lock()
+	if len(c.free) < c.max {
+		c.free = append(c.free, b)
+	}
+	if !c.armed {
+		c.armed = true
+		c.timer.Reset(sweepPeriod)
+	}
+	c.mu.Unlock()
+}
+
+func (c *bufCache) sweep() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.used {
+		c.used = false
+		c.timer.Reset(sweepPeriod)
+		return
+	}
+	clear(c.free)
+	c.free = c.free[:0]
+	c.armed = false
+}
 
 // ringSize bounds the blocks of one receive queue. Flow control keeps the
 // queued bytes within streamWindow, which spans streamWindow/blockSize

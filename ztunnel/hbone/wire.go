@@ -30,7 +30,7 @@ type wire struct {
 
 	mu      sync.Mutex
 	cond    sync.Cond // the queue drained below queueLimit, or failed
-	buf     *[]byte   // queued ciphertext; nil when empty (returned to the pool)
+	buf     *[]byte   // queued ciphertext; nil when empty (back in wireBufs)
 	owners  int       // goroutines between begin and end
 	writing bool      // a goroutine is in Conn.Write
 	err     error     // sticky write error
@@ -54,10 +54,6 @@ const (
 
 var errQueueOverflow = errors.New("hbone: peer is not reading: write queue overflow")
 
-var wireBufPool = sync.Pool{New: func() any {
-	b := make([]byte, 0, wireBufSize)
-	return &b
-}}
 
 func newWire(c net.Conn) *wire {
 	w := &wire{Conn: c, direct: true, kick: make(chan struct{}, 1), done: make(chan struct{})}
@@ -78,7 +74,7 @@ func (w *wire) Write(p []byte) (int, error) {
 		return 0, err
 	}
 	if w.buf == nil {
-		w.buf = wireBufPool.Get().(*[]byte)
+		w.buf = wireBufs.get()
 	}
 	*w.buf = append(*w.buf, p...)
 	if len(*w.buf) > maxQueued {
@@ -139,7 +135,7 @@ func (w *wire) flushLocked() error {
 		if w.buf == nil {
 			w.buf = b // nothing was queued meanwhile: keep the buffer for now
 		} else {
-			wireBufPool.Put(b)
+			wireBufs.put(b)
 		}
 		if err != nil {
 			w.failLocked(err)
@@ -149,7 +145,7 @@ func (w *wire) flushLocked() error {
 	w.writing = false
 	// An idle connection holds no write buffer.
 	if w.buf != nil && len(*w.buf) == 0 {
-		wireBufPool.Put(w.buf)
+		wireBufs.put(w.buf)
 		w.buf = nil
 	}
 	return w.err

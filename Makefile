@@ -93,8 +93,9 @@ e2e: build ## Run only the lab end-to-end tests.
 	AMBIT_BIN_DIR=$(BIN) go test $(GO_TEST_FLAGS) -timeout 25m -v ./e2e/...
 
 .PHONY: demo
-demo: build ## Bring the lab up and leave it running (KUBECONFIG printed at the end).
+demo: build ## Bring the lab up with Ambit installed from deploy/, and leave it running.
 	$(BIN)/lab up --name $(LAB_NAME) --nodes $(LAB_NODES)
+	@hack/demo.sh $(BIN) /run/ambit-lab/$(LAB_NAME)/kubeconfig
 
 .PHONY: demo-down
 demo-down: ## Stop the demo lab and remove everything it made.

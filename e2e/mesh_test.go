@@ -395,7 +395,9 @@ spec:
 		go func() { exited <- tcp.Wait() }()
 		defer func() { _ = tcp.Process.Kill() }()
 		// Istio's echo server answers each TCP write with a report.
-		fmt.Fprintln(stdin, "ping-before")
+		if _, err := fmt.Fprintln(stdin, "ping-before"); err != nil {
+			t.Fatalf("writing to the TCP echo: %v", err)
+		}
 		rd := bufio.NewReader(stdout)
 		line, err := rd.ReadString('\n')
 		if err != nil || line == "" {
@@ -447,7 +449,8 @@ spec:
 		for deadline := time.Now().Add(10 * time.Second); !closed && time.Now().Before(deadline); {
 			_, _ = fmt.Fprintln(stdin, "ping-after")
 			select {
-			case <-exited:
+			case err := <-exited:
+				t.Logf("curl exited: %v", err)
 				closed = true
 			case <-eof:
 				closed = true
@@ -645,7 +648,7 @@ func testForgedCSR(t *testing.T, ctx context.Context, l *lab.Lab, cs kubernetes.
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer node1.Close()
+	defer func() { _ = node1.Close() }()
 	dial := node1.Dialer()
 	conn, err := grpc.NewClient(net.JoinHostPort(ctl.Items[0].Status.PodIP, "15012"),
 		grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: roots, ServerName: "ambit-controller.istio-system.svc"})),
@@ -653,7 +656,7 @@ func testForgedCSR(t *testing.T, ctx context.Context, l *lab.Lab, cs kubernetes.
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	client := pb.NewIstioCertificateServiceClient(conn)
 	ask := func(id string) error {
 		u, _ := url.Parse(id)

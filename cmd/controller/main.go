@@ -129,7 +129,7 @@ func run() error {
 		RootNamespace: *rootNS,
 		TrustDomain:   *trustDomain,
 		ClusterID:     *clusterID,
-		Recorder:      mgr.GetEventRecorderFor("ambit-controller"),
+		Recorder:      mgr.GetEventRecorder("ambit-controller"),
 		Log:           log.With("component", "mesh"),
 		Elected:       mgr.Elected(),
 	}

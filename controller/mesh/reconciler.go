@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"unicode/utf8"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 	corev1 "k8s.io/api/core/v1"
@@ -13,7 +14,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/tools/events"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -48,8 +49,10 @@ type Reconciler struct {
 	RootNamespace string
 	TrustDomain   string
 	ClusterID     string
-	Recorder      record.EventRecorder
-	Log           *slog.Logger
+	// Recorder writes events.k8s.io/v1 Events; kubectl shows them with
+	// the regarding object as involvedObject.
+	Recorder events.EventRecorder
+	Log      *slog.Logger
 	// Elected is closed once this replica leads.
 	Elected <-chan struct{}
 
@@ -153,12 +156,8 @@ func (r *Reconciler) inputs(ctx context.Context) (Inputs, error) {
 	for i := range eps.Items {
 		in.EndpointSlices = append(in.EndpointSlices, &eps.Items[i])
 	}
-	for _, p := range aps.Items {
-		in.AuthzPolicies = append(in.AuthzPolicies, p)
-	}
-	for _, p := range pas.Items {
-		in.PeerAuthns = append(in.PeerAuthns, p)
-	}
+	in.AuthzPolicies = append(in.AuthzPolicies, aps.Items...)
+	in.PeerAuthns = append(in.PeerAuthns, pas.Items...)
 	return in, nil
 }
 
@@ -201,17 +200,18 @@ func (r *Reconciler) writeStatus(ctx context.Context, p *securityv1.Authorizatio
 		}
 	}
 	if len(problems) > 0 {
-		r.Recorder.Eventf(p, corev1.EventTypeWarning, "UnsupportedValue", "%s", cond.Message)
+		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "UnsupportedValue", "Translate", "%s", eventNote(cond.Message))
 	}
 	cond.LastTransitionTime = timestamppb.Now()
 	np := p.DeepCopy()
-	var kept []*metav1alpha1.IstioCondition
+	conds := make([]*metav1alpha1.IstioCondition, 0, len(np.Status.GetConditions())+1)
 	for _, c := range np.Status.GetConditions() {
 		if c.GetType() != cond.Type {
-			kept = append(kept, c)
+			conds = append(conds, c)
 		}
 	}
-	np.Status.Conditions = append(kept, cond)
+	conds = append(conds, cond)
+	np.Status.Conditions = conds
 	np.Status.ObservedGeneration = p.Generation
 	if err := r.Client.Status().Update(ctx, np); err != nil {
 		if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
@@ -220,4 +220,24 @@ func (r *Reconciler) writeStatus(ctx context.Context, p *securityv1.Authorizatio
 		return fmt.Errorf("writing status of AuthorizationPolicy %s/%s: %w", p.Namespace, p.Name, err)
 	}
 	return nil
+}
+
+// noteLimit is the longest note the API server accepts on an
+// events.k8s.io/v1 Event (NoteLengthLimit in Kubernetes'
+// pkg/apis/core/validation/events.go); a longer one is refused and the
+// event lost.
+const noteLimit = 1024
+
+// eventNote shortens msg to fit an event's note, on a UTF-8 boundary. The
+// condition keeps the whole message.
+func eventNote(msg string) string {
+	if len(msg) <= noteLimit {
+		return msg
+	}
+	const more = "... (see the ZtunnelAccepted condition)"
+	cut := noteLimit - len(more)
+	for cut > 0 && !utf8.RuneStart(msg[cut]) {
+		cut--
+	}
+	return msg[:cut] + more
 }

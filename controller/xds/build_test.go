@@ -61,8 +61,6 @@ func withLabels(kv ...string) podOpt {
 	}
 }
 
-func inNamespace(ns string) podOpt { return func(p *corev1.Pod) { p.Namespace = ns } }
-
 func withPort(name string, port int32) podOpt {
 	return func(p *corev1.Pod) {
 		p.Spec.Containers[0].Ports = []corev1.ContainerPort{{Name: name, ContainerPort: port}}

@@ -55,7 +55,8 @@ func Serve(ctx context.Context, o Options) error {
 			o.Level.Set(l)
 			o.Log.Info("log level changed", "level", l)
 		}
-		fmt.Fprintf(w, "level: %s\n", o.Level.Level())
+		// A failed write means the client went away: nobody to tell.
+		_, _ = fmt.Fprintf(w, "level: %s\n", o.Level.Level())
 	})
 	admin.HandleFunc("/debug/pprof/", pprof.Index)
 	admin.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -73,7 +74,7 @@ func Serve(ctx context.Context, o Options) error {
 			http.Error(w, "not ready: "+why, http.StatusServiceUnavailable)
 			return
 		}
-		fmt.Fprintln(w, "ready")
+		_, _ = fmt.Fprintln(w, "ready") // as above: the prober went away
 	})
 
 	errc := make(chan error, 3)

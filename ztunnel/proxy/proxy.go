@@ -14,7 +14,6 @@ package proxy
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -81,7 +80,9 @@ func (p *Proxy) Add(ctx context.Context, uid string, info *zdsapi.WorkloadInfo, 
 	}
 	w, err := startWorkload(p, uid, info, netns)
 	if err != nil {
-		netns.Close()
+		// The namespace fd is only read from; closing it cannot lose
+		// anything, and the error that matters is startWorkload's.
+		_ = netns.Close()
 		return fmt.Errorf("serving %s/%s: %w", info.GetNamespace(), info.GetName(), err)
 	}
 	p.mu.Lock()
@@ -212,5 +213,3 @@ func addrOf(a net.Addr) netip.AddrPort {
 	ap, _ := netip.ParseAddrPort(a.String())
 	return ap
 }
-
-var errNoRoute = errors.New("no route")

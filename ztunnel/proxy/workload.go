@@ -141,7 +141,10 @@ func (w *workloadProxy) accept(ln net.Listener, handle func(net.Conn)) {
 func (w *workloadProxy) serveOutbound(ln net.Listener) { w.accept(ln, w.outbound) }
 
 func (w *workloadProxy) outbound(c net.Conn) {
-	defer c.Close()
+	// The deferred Closes in this file end a proxied connection's sides on
+	// the early returns; hbone.Proxy has closed them already on the normal
+	// path, and a failed close of a side we are done with changes nothing.
+	defer func() { _ = c.Close() }()
 	orig, err := inpod.OriginalDst(c)
 	if err != nil {
 		w.log.Warn("outbound: reading the original destination", "error", err)
@@ -164,7 +167,7 @@ func (w *workloadProxy) outbound(c net.Conn) {
 			t.Close(0, 0, fmt.Errorf("dialing %s (passthrough): %w", dst, err))
 			return
 		}
-		defer up.Close()
+		defer func() { _ = up.Close() }()
 		sent, recv, err := hbone.Proxy(c, up)
 		t.Close(sent, recv, err)
 		return
@@ -189,7 +192,7 @@ func (w *workloadProxy) outbound(c net.Conn) {
 		t.Close(0, 0, fmt.Errorf("HBONE to %s via %s: %w (is port 15008 reachable? a NetworkPolicy may block HBONE)", route.target, key.Addr, err))
 		return
 	}
-	defer s.Close()
+	defer func() { _ = s.Close() }()
 	untrack := w.live.add(c, s, nil)
 	defer untrack()
 	sent, recv, err := hbone.Proxy(c, s)
@@ -266,11 +269,13 @@ func (w *workloadProxy) baggage() string {
 }
 
 // ServeHBONE terminates an HBONE stream for this pod: identity, policy,
-// then the app.
+// then the app. A Reject that fails means the peer is already gone; the
+// stream ends either way and the access log records why it was refused,
+// so its error is dropped.
 func (w *workloadProxy) ServeHBONE(ctx context.Context, req *hbone.Request, rw hbone.Responder) {
 	target, err := netip.ParseAddrPort(req.Authority)
 	if err != nil {
-		rw.Reject(http.StatusBadRequest)
+		_ = rw.Reject(http.StatusBadRequest)
 		w.log.Warn("HBONE: bad authority", "authority", req.Authority, "error", err)
 		return
 	}
@@ -286,14 +291,14 @@ func (w *workloadProxy) ServeHBONE(ctx context.Context, req *hbone.Request, rw h
 		SrcAddr: remote.String(), Dst: self, DstIdentity: w.id, DstAddr: target.String(), MutualTLS: true, Start: time.Now(),
 	}
 	if self != nil && !hasAddr(self, target.Addr()) {
-		rw.Reject(http.StatusBadRequest)
+		_ = rw.Reject(http.StatusBadRequest)
 		ci.ResponseFlag = "NR"
 		w.p.opts.Metrics.Open(w.log, ci).Close(0, 0, fmt.Errorf("HBONE target %s is not this pod's address", target))
 		return
 	}
 	conn := rbac.Conn{SrcIdentity: peerID, SrcIP: remote.Addr(), DstIP: target.Addr(), DstPort: target.Port()}
 	if v := w.allowed(self, conn); !v.Allow {
-		rw.Reject(http.StatusUnauthorized)
+		_ = rw.Reject(http.StatusUnauthorized)
 		ci.ResponseFlag = "UAEX"
 		w.p.opts.Metrics.Open(w.log, ci).Close(0, 0, fmt.Errorf("denied by policy %s: %s", v.Policy, v.Reason))
 		return
@@ -301,18 +306,18 @@ func (w *workloadProxy) ServeHBONE(ctx context.Context, req *hbone.Request, rw h
 	t := w.p.opts.Metrics.Open(w.log, ci)
 	app, err := w.dial(ctx, "tcp", target.String())
 	if err != nil {
-		rw.Reject(http.StatusServiceUnavailable)
+		_ = rw.Reject(http.StatusServiceUnavailable)
 		ci.ResponseFlag = "UF"
 		t.Close(0, 0, fmt.Errorf("connecting to the app at %s: %w", target, err))
 		return
 	}
-	defer app.Close()
+	defer func() { _ = app.Close() }()
 	s, err := rw.Accept()
 	if err != nil {
 		t.Close(0, 0, err)
 		return
 	}
-	defer s.Close()
+	defer func() { _ = s.Close() }()
 	untrack := w.live.add(s, app, &conn)
 	defer untrack()
 	recv, sent, err := hbone.Proxy(s, app)
@@ -325,7 +330,7 @@ func (w *workloadProxy) ServeHBONE(ctx context.Context, req *hbone.Request, rw h
 func (w *workloadProxy) servePlaintext(ln net.Listener) { w.accept(ln, w.plaintext) }
 
 func (w *workloadProxy) plaintext(c net.Conn) {
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	orig, err := inpod.OriginalDst(c)
 	if err != nil {
 		w.log.Warn("inbound plaintext: reading the original destination", "error", err)
@@ -351,7 +356,7 @@ func (w *workloadProxy) plaintext(c net.Conn) {
 		t.Close(0, 0, fmt.Errorf("connecting to the app at %s: %w", dst, err))
 		return
 	}
-	defer app.Close()
+	defer func() { _ = app.Close() }()
 	untrack := w.live.add(c, app, &conn)
 	defer untrack()
 	recv, sent, err := hbone.Proxy(c, app)

@@ -8,11 +8,11 @@ import (
 func TestBackoff(t *testing.T) {
 	b := backoff{initial: 100 * time.Millisecond, max: time.Second}
 	b.reset()
-	want := []time.Duration{100, 200, 400, 800, 1000, 1000}
+	const ms = time.Millisecond
+	want := []time.Duration{100 * ms, 200 * ms, 400 * ms, 800 * ms, 1000 * ms, 1000 * ms}
 	for i := range 3 { // jitter is random: try a few draws
 		b.reset()
 		for j, w := range want {
-			w *= time.Millisecond
 			if d := b.next(); d < w/2 || d > w {
 				t.Fatalf("draw %d, attempt %d: delay %v outside [%v, %v]", i, j, d, w/2, w)
 			}

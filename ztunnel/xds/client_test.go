@@ -14,6 +14,7 @@ import (
 	"math/big"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -213,7 +214,7 @@ func TestClient(t *testing.T) {
 			case 2:
 				return "", errors.New("token file not there yet")
 			default:
-				return "tok-" + string(rune('0'+n)), nil
+				return "tok-" + strconv.Itoa(int(n)), nil
 			}
 		},
 		NodeID:         "node-1",

@@ -87,6 +87,7 @@ $(BIN)/golangci-lint-$(GOLANGCI_LINT):
 test: build ## Run every test: unit tests, then the lab end-to-end tests (root needed for the latter).
 	go vet ./...
 	AMBIT_BIN_DIR=$(BIN) go test $(GO_TEST_FLAGS) -timeout 25m ./...
+	go -C e2e/interop test $(GO_TEST_FLAGS) ./...  # HBONE against Istio's own peers
 
 .PHONY: e2e
 e2e: build ## Run only the lab end-to-end tests.

@@ -17,6 +17,6 @@
 //	go -C e2e/interop test ./...
 //
 // What it deliberately does not do: it does not test against Istio's Rust
-// ztunnel (the lab's mesh tests do), and it does not test Ambit's engine on
-// its own (ztunnel/hbone's tests do).
+// ztunnel, and it does not test Ambit's engine on its own (ztunnel/hbone's
+// tests do).
 package interop

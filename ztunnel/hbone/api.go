@@ -43,12 +43,18 @@ func (k Key) String() string {
 
 // Stream is one proxied TCP connection: a net.Conn whose CloseWrite ends
 // the sending direction (END_STREAM, the HTTP/2 form of a TCP FIN) while
-// the other direction stays open.
+// the other direction stays open. Read returns io.EOF once the peer ended
+// its direction, and a *ResetError if it reset the stream.
 //
-// Close releases the stream; if the peer's direction has not ended yet it
-// also resets the stream (RST_STREAM CANCEL), as closing a TCP socket with
-// data still arriving does. Write deadlines bound the wait for flow-control
-// credit, not the shared connection's socket writes.
+// Close ends what this side sends (END_STREAM, if CloseWrite was not
+// called) and, if the peer's direction has not ended, resets the stream
+// with RST_STREAM CANCEL, as closing a TCP socket with data still arriving
+// does. A stream must be closed: until then it holds its place in the
+// connection. Write deadlines bound the wait for flow-control credit, not
+// the shared connection's socket writes.
+//
+// The engine's streams also implement io.WriterTo and io.ReaderFrom, which
+// io.Copy and Proxy use to copy without an intermediate buffer.
 type Stream interface {
 	net.Conn
 	CloseWrite() error

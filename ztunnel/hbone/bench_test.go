@@ -54,13 +54,21 @@ func TestZeroAllocs(t *testing.T) {
 	client := e.connect(t, "10.0.0.1:80")
 	defer client.Close()
 	server := <-streams
+	// A second stream is proxied to a TCP connection, as ztunnel's are.
+	proxied := e.connect(t, "10.0.0.1:80")
+	defer proxied.Close()
+	tcpIn, tcpOut := tcpConnPair(t)
+	go Proxy(<-streams, tcpIn)
 	wbuf, rbuf := make([]byte, 1<<20), make([]byte, 1<<20)
 	tests := []struct {
-		name     string
-		from, to Stream
+		name string
+		from io.Writer
+		to   io.Reader
 	}{
 		{"client to server", client, server},
 		{"server to client", server, client},
+		{"stream to Proxy to TCP", proxied, tcpOut},
+		{"TCP to Proxy to stream", tcpOut, proxied},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -113,6 +121,27 @@ func TestZeroAllocs(t *testing.T) {
 			t.Error(strings.Join(problems, "\n"))
 		})
 	}
+}
+
+// tcpConnPair returns both ends of a loopback TCP connection.
+func tcpConnPair(t testing.TB) (a, b net.Conn) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	a, err = net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = <-accepted
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return a, b
 }
 
 type allocCount struct {
@@ -265,25 +294,7 @@ func echo(c io.ReadWriter) {
 }
 
 // tcpPair returns both ends of a loopback TCP connection.
-func tcpPair(b *testing.B) (client, server net.Conn) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	client, err = net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		b.Fatal(err)
-	}
-	server = <-accepted
-	b.Cleanup(func() { client.Close(); server.Close() })
-	return client, server
-}
+func tcpPair(b *testing.B) (client, server net.Conn) { return tcpConnPair(b) }
 
 // hbonePair returns both ends of a stream on a fresh engine.
 func hbonePair(b *testing.B) (client, server Stream) {
@@ -294,6 +305,61 @@ func hbonePair(b *testing.B) (client, server Stream) {
 	client = e.connect(b, "10.0.0.1:80")
 	b.Cleanup(func() { client.Close() })
 	return client, <-streams
+}
+
+// tunnelPair returns the two ends of a TCP connection carried the way
+// ztunnel carries it: app -> TCP -> Proxy -> HBONE stream -> Proxy -> TCP
+// -> backend, three TCP hops as in PERF-FACTS' mesh path (both tunnels in
+// this process).
+func tunnelPair(b *testing.B) (client *net.TCPConn, server net.Conn) {
+	backend, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := backend.Accept()
+		accepted <- c
+	}()
+	e := newEnv(b, HandlerFunc(func(ctx context.Context, req *Request, rw Responder) {
+		dst, err := net.Dial("tcp", req.Authority)
+		if err != nil {
+			rw.Reject(503)
+			return
+		}
+		if s, err := rw.Accept(); err == nil {
+			Proxy(s, dst)
+		}
+	}))
+	front, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		c, err := front.Accept()
+		if err != nil {
+			return
+		}
+		s, err := e.pool.Connect(context.Background(), e.key, backend.Addr().String(), nil)
+		if err != nil {
+			c.Close()
+			return
+		}
+		Proxy(c, s)
+	})
+	c, err := net.Dial("tcp", front.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	server = <-accepted
+	backend.Close()
+	front.Close()
+	// Cleanups run last-in first-out: close the ends, then let the
+	// proxies finish before the engine goes.
+	b.Cleanup(wg.Wait)
+	b.Cleanup(func() { c.Close(); server.Close() })
+	return c.(*net.TCPConn), server
 }
 
 type halfCloser interface {
@@ -329,6 +395,10 @@ func BenchmarkThroughput(b *testing.B) {
 		c, s := hbonePair(b)
 		benchThroughput(b, c, s)
 	})
+	b.Run("tunnel", func(b *testing.B) {
+		c, s := tunnelPair(b)
+		benchThroughput(b, c, s)
+	})
 }
 
 func benchRoundTrip(b *testing.B, client, server net.Conn) {
@@ -355,6 +425,10 @@ func BenchmarkRoundTrip(b *testing.B) {
 	})
 	b.Run("hbone", func(b *testing.B) {
 		c, s := hbonePair(b)
+		benchRoundTrip(b, c, s)
+	})
+	b.Run("tunnel", func(b *testing.B) {
+		c, s := tunnelPair(b)
 		benchRoundTrip(b, c, s)
 	})
 }

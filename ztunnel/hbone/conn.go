@@ -128,9 +128,10 @@ type conn struct {
 	idleTimer   *time.Timer
 	done        chan struct{}
 
-	// Owned by the frame reader.
+	// Owned by the frame reader. The scratch holds small control payloads
+	// and dropped DATA; it is small because every connection has one.
 	sawSettings bool
-	rscratch    [16 << 10]byte
+	rscratch    [1 << 10]byte
 }
 
 func newConn(r role, raw net.Conn, w *wire, tc *tls.Conn, log *slog.Logger) *conn {
@@ -482,7 +483,12 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 		return nil
 	}
 	if err := f.ForeachSetting(func(s http2.Setting) error { return s.Valid() }); err != nil {
-		return connError(http2.ErrCodeProtocol, "invalid SETTINGS: %v", err)
+		code := http2.ErrCodeProtocol
+		var ce http2.ConnectionError
+		if errors.As(err, &ce) {
+			code = http2.ErrCode(ce) // FLOW_CONTROL_ERROR for a window over 2^31-1
+		}
+		return connError(code, "invalid SETTINGS: %v", err)
 	}
 	c.mu.Lock()
 	err := f.ForeachSetting(func(s http2.Setting) error {

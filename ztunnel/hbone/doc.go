@@ -19,6 +19,12 @@
 // Callers depend only on Connector, Acceptor, Handler, Responder and
 // Stream, so the engine can be replaced without touching them.
 //
+// Limits: the engine sends no keepalive PINGs of its own (it answers the
+// peer's) and relies on TCP keepalive to find dead peers; a connection's
+// socket writes have no deadline; HTTP/2 priorities are ignored; response
+// headers other than :status are not passed to the client; a stream the
+// caller never closes keeps its pooled connection from going idle.
+//
 // What the package deliberately does not do: it does not choose or verify
 // certificates (the caller's tls.Config does, normally from the identity
 // package), it does not create sockets in pod network namespaces or mark

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -428,27 +429,65 @@ func TestShutdownTimeout(t *testing.T) {
 }
 
 // TestGoAway checks that the pool puts no new stream on a connection whose
-// peer sent GOAWAY, while the streams already on it carry on.
+// peer sent GOAWAY, while the streams already on it carry on. Two servers
+// share the address: the first one shuts down (GOAWAY), the second takes
+// the new connections.
 func TestGoAway(t *testing.T) {
 	checkLeaks(t)
-	e := newEnv(t, echoHandler)
-	s := e.connect(t, "10.0.0.1:80")
-	defer s.Close()
-	srv := e.srv.(*Server)
-	srv.mu.Lock()
-	for c := range srv.conns {
-		c.goAway(0, "")
+	p := getPKI(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
 	}
-	srv.mu.Unlock()
-	waitFor(t, "the pool to see GOAWAY", func() bool {
-		p := e.pool.(*Pool)
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return len(p.conns[e.key]) == 0
+	ln := &countingListener{Listener: l}
+	first, second := newChanListener(l.Addr()), newChanListener(l.Addr())
+	var current atomic.Pointer[chanListener]
+	current.Store(first)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer ln.Close()
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			select {
+			case current.Load().conns <- c:
+			case <-current.Load().done:
+				c.Close()
+			}
+		}
 	})
-	s2 := e.connect(t, "10.0.0.1:80")
+	servers := []Acceptor{
+		newAcceptor(ServerOptions{TLSConfig: p.serverTLS(serverID), Handler: echoHandler}),
+		newAcceptor(ServerOptions{TLSConfig: p.serverTLS(serverID), Handler: echoHandler}),
+	}
+	for i, cl := range []*chanListener{first, second} {
+		wg.Go(func() { servers[i].Serve(cl) })
+		defer servers[i].Close()
+	}
+	pool := newConnector(PoolOptions{TLSConfig: func(k Key) (*tls.Config, error) { return p.clientTLS(k.SrcIdentity, k.DstIdentity), nil }})
+	defer pool.Close()
+	k := Key{SrcIdentity: clientID, DstIdentity: serverID, Addr: netip.MustParseAddrPort(l.Addr().String())}
+	connect := func() Stream {
+		s, err := pool.Connect(context.Background(), k, "10.0.0.1:80", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+
+	s := connect()
+	defer s.Close()
+	current.Store(second)
+	shutdown := make(chan error, 1)
+	go func() { shutdown <- servers[0].Shutdown(context.Background()) }()
+	// Whether the pool has seen the GOAWAY yet or the draining server
+	// refuses the stream, the new stream lands on a new connection.
+	s2 := connect()
 	defer s2.Close()
-	if got := e.ln.n.Load(); got != 2 {
+	if got := ln.n.Load(); got != 2 {
 		t.Fatalf("%d connections, want a second one after GOAWAY", got)
 	}
 	for _, st := range []Stream{s, s2} {
@@ -457,6 +496,14 @@ func TestGoAway(t *testing.T) {
 		if b, err := io.ReadAll(st); err != nil || string(b) != "x" {
 			t.Fatalf("echo: %q, %v", b, err)
 		}
+	}
+	if err := <-shutdown; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	s3 := connect() // reuses the second connection
+	s3.Close()
+	if got := ln.n.Load(); got != 2 {
+		t.Fatalf("%d connections, want 2", got)
 	}
 }
 
@@ -469,12 +516,9 @@ func TestConnectionError(t *testing.T) {
 	for range 3 {
 		streams = append(streams, e.connect(t, "10.0.0.1:80"))
 	}
-	srv := e.srv.(*Server)
-	srv.mu.Lock()
-	for c := range srv.conns {
-		c.raw.Close()
+	for _, c := range e.ln.accepted() {
+		c.Conn.Close() // under the server's feet
 	}
-	srv.mu.Unlock()
 	for _, s := range streams {
 		if _, err := io.ReadAll(s); err == nil {
 			t.Fatal("stream read EOF, want an error")
@@ -521,6 +565,25 @@ func TestHandlerContextAndReset(t *testing.T) {
 	}
 }
 
+func TestIdleTimeout(t *testing.T) {
+	checkLeaks(t)
+	e := newEnv(t, echoHandler, func(o *envOptions) { o.pool.IdleTimeout = 50 * time.Millisecond })
+	s := e.connect(t, "10.0.0.1:80")
+	time.Sleep(100 * time.Millisecond) // an open stream keeps the connection
+	s2 := e.connect(t, "10.0.0.1:80")
+	s.Close()
+	s2.Close()
+	select {
+	case <-e.ln.accepted()[0].closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("idle connection not closed")
+	}
+	e.connect(t, "10.0.0.1:80").Close()
+	if got := e.ln.n.Load(); got != 2 {
+		t.Fatalf("%d connections, want a second one after the idle timeout", got)
+	}
+}
+
 func TestDeadlines(t *testing.T) {
 	checkLeaks(t)
 	h := HandlerFunc(func(ctx context.Context, req *Request, rw Responder) {
@@ -543,6 +606,19 @@ func TestDeadlines(t *testing.T) {
 	if _, err := s.Write([]byte("x")); err != nil {
 		t.Fatal(err)
 	}
+
+	// A peer that does not read: writes stop at the stream window, and
+	// the write deadline ends the wait for more.
+	stalled := make(chan Stream, 1)
+	e2 := newEnv(t, acceptStream(stalled, nil))
+	w := e2.connect(t, "10.0.0.1:80")
+	defer w.Close()
+	w.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+	n, err := w.Write(make([]byte, 2*streamWindow))
+	if !errors.As(err, &ne) || !ne.Timeout() || n != streamWindow {
+		t.Fatalf("Write to a stalled peer: %d bytes, %v; want %d bytes and a timeout", n, err, streamWindow)
+	}
+	(<-stalled).Close()
 }
 
 func TestProxy(t *testing.T) {
@@ -676,5 +752,195 @@ func TestConnectValidation(t *testing.T) {
 	}
 	if _, err := e.pool.Connect(context.Background(), e.key, "10.0.0.1:80", http.Header{"Bad": {"a\r\nb"}}); err == nil {
 		t.Error("header with CRLF accepted")
+	}
+}
+
+// TestProxySlowBackend sends 32 MiB through Proxy to a backend that reads
+// slowly at first: the frame reader's direct writes to the socket fill it,
+// the rest queues for Proxy's goroutine, and the bytes arrive intact and
+// in order, while another stream on the same connection is not held up.
+func TestProxySlowBackend(t *testing.T) {
+	checkLeaks(t)
+	const size = 32 << 20
+	type result struct {
+		n   int64
+		sum []byte
+	}
+	results := make(chan result, 1)
+	slow, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	go func() {
+		c, err := slow.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.(*net.TCPConn).SetReadBuffer(32 << 10)
+		h := sha256.New()
+		buf := make([]byte, 16<<10)
+		var n int64
+		for i := 0; ; i++ {
+			if i < 100 {
+				time.Sleep(2 * time.Millisecond)
+			}
+			m, err := c.Read(buf)
+			h.Write(buf[:m])
+			n += int64(m)
+			if err != nil {
+				break
+			}
+		}
+		results <- result{n, h.Sum(nil)}
+	}()
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		c, err := echo.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+	}()
+	h := HandlerFunc(func(ctx context.Context, req *Request, rw Responder) {
+		dst, err := net.Dial("tcp", req.Authority)
+		if err != nil {
+			rw.Reject(http.StatusServiceUnavailable)
+			return
+		}
+		// Small socket buffers, so that the frame reader's non-blocking
+		// writes find the socket full.
+		dst.(*net.TCPConn).SetWriteBuffer(32 << 10)
+		s, err := rw.Accept()
+		if err != nil {
+			dst.Close()
+			return
+		}
+		Proxy(s, dst)
+	})
+	e := newEnv(t, h)
+	s := e.connect(t, slow.Addr().String())
+	defer s.Close()
+	sent := sha256.New()
+	go func() {
+		src := rand.New(rand.NewPCG(3, 4))
+		buf := make([]byte, 1<<20)
+		for range size / len(buf) {
+			for i := range buf {
+				buf[i] = byte(src.Uint32())
+			}
+			sent.Write(buf)
+			if _, err := s.Write(buf); err != nil {
+				return
+			}
+		}
+		s.CloseWrite()
+	}()
+	// Meanwhile, on the same connection:
+	time.Sleep(20 * time.Millisecond)
+	s2 := e.connect(t, echo.Addr().String())
+	io.WriteString(s2, "not held up")
+	b := make([]byte, len("not held up"))
+	if _, err := io.ReadFull(s2, b); err != nil || string(b) != "not held up" {
+		t.Fatalf("second stream: %q, %v", b, err)
+	}
+	s2.Close()
+	select {
+	case r := <-results:
+		if r.n != size || !bytes.Equal(r.sum, sent.Sum(nil)) {
+			t.Fatalf("backend got %d bytes, checksum match %v; want %d", r.n, bytes.Equal(r.sum, sent.Sum(nil)), size)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("timed out")
+	}
+	if got := e.ln.n.Load(); got != 1 {
+		t.Fatalf("%d connections, want 1", got)
+	}
+}
+
+func TestPoolClose(t *testing.T) {
+	checkLeaks(t)
+	dialing := make(chan struct{}, 1)
+	e := newEnv(t, echoHandler, func(o *envOptions) {
+		o.pool.Dial = func(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
+			if addr.Port() == 1 { // a peer that never answers
+				dialing <- struct{}{}
+				<-ctx.Done()
+				return nil, ctx.Err()
+			}
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", addr.String())
+		}
+	})
+	s := e.connect(t, "10.0.0.1:80")
+	stuck := make(chan error, 1)
+	go func() {
+		k := e.key
+		k.Addr = netip.AddrPortFrom(k.Addr.Addr(), 1)
+		_, err := e.pool.Connect(context.Background(), k, "10.0.0.1:80", nil)
+		stuck <- err
+	}()
+	<-dialing
+	if err := e.pool.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-stuck; err == nil {
+		t.Fatal("Connect waiting for a dial succeeded after Close")
+	}
+	if _, err := io.ReadAll(s); err == nil {
+		t.Fatal("stream survived Pool.Close")
+	}
+	s.Close()
+	if _, err := e.pool.Connect(context.Background(), e.key, "10.0.0.1:80", nil); !errors.Is(err, ErrPoolClosed) {
+		t.Fatalf("Connect after Close: %v, want ErrPoolClosed", err)
+	}
+}
+
+// TestManyStreams runs 200 streams at once, each echoing 256 KiB: they
+// share the connection windows, and spill onto a second connection past
+// 100 streams.
+func TestManyStreams(t *testing.T) {
+	checkLeaks(t)
+	e := newEnv(t, echoHandler)
+	const streams, size = 200, 256 << 10
+	var wg sync.WaitGroup
+	errs := make(chan error, streams)
+	start := make(chan struct{})
+	for i := range streams {
+		wg.Go(func() {
+			s, err := e.pool.Connect(context.Background(), e.key, "10.0.0.1:80", nil)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer s.Close()
+			<-start // all open before any data flows
+			payload := bytes.Repeat([]byte{byte(i)}, size)
+			go func() {
+				s.Write(payload)
+				s.CloseWrite()
+			}()
+			got, err := io.ReadAll(s)
+			if err != nil || !bytes.Equal(got, payload) {
+				errs <- fmt.Errorf("stream %d: %d bytes, %v", i, len(got), err)
+			}
+		})
+	}
+	waitFor(t, "the streams to open", func() bool { return e.ln.n.Load() == 2 })
+	time.Sleep(50 * time.Millisecond)
+	close(start)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if got := e.ln.n.Load(); got != 2 {
+		t.Fatalf("%d connections for %d streams, want 2", got, streams)
 	}
 }

@@ -125,6 +125,80 @@ func TestMalformedRequests(t *testing.T) {
 	if got := c.status(id); got != "200" {
 		t.Fatalf("valid CONNECT after the malformed ones: :status %s", got)
 	}
+	c.fr.WritePing(false, [8]byte{1, 2, 3})
+	for {
+		f, err := c.fr.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p, ok := f.(*http2.PingFrame); ok {
+			if !p.IsAck() || p.Data != [8]byte{1, 2, 3} {
+				t.Fatalf("PING answer %v", p)
+			}
+			break
+		}
+	}
+}
+
+// TestFlowControlViolations sends more DATA than the server's windows
+// allow: over a stream window resets the stream, over the connection
+// window ends the connection (RFC 9113 section 6.9.1).
+func TestFlowControlViolations(t *testing.T) {
+	checkLeaks(t)
+	streams := make(chan Stream, 10)
+	done := make(chan struct{})
+	defer close(done)
+	e := newEnv(t, acceptStream(streams, done)) // never reads
+	c := dialRaw(t, e)
+	chunk := make([]byte, 1<<20)
+	send := func(id uint32, n int) {
+		for ; n > 0; n -= len(chunk) {
+			if err := c.fr.WriteData(id, false, chunk[:min(n, len(chunk))]); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// Frames until one that matters: RST_STREAM or GOAWAY.
+	next := func() http2.Frame {
+		for {
+			f, err := c.fr.ReadFrame()
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					c.fr.WriteSettingsAck()
+				}
+			case *http2.RSTStreamFrame, *http2.GoAwayFrame:
+				return f
+			}
+		}
+	}
+	c.request(1, false, ":method", "CONNECT", ":authority", "10.0.0.1:80")
+	if got := c.status(1); got != "200" {
+		t.Fatalf(":status %s", got)
+	}
+	send(1, streamWindow+1)
+	if f, ok := next().(*http2.RSTStreamFrame); !ok || f.StreamID != 1 || f.ErrCode != http2.ErrCodeFlowControl {
+		t.Fatalf("got %v, want RST_STREAM FLOW_CONTROL_ERROR on stream 1", f)
+	}
+	// Stream 1's data still counts against the connection window, as does
+	// what fills streams 3, 5 and 7 to their windows; one byte more is too much.
+	used := streamWindow + 1
+	for id := uint32(3); used < connWindow; id += 2 {
+		c.request(id, false, ":method", "CONNECT", ":authority", "10.0.0.1:80")
+		c.status(id)
+		n := min(streamWindow, connWindow-used)
+		send(id, n)
+		used += n
+	}
+	c.request(9, false, ":method", "CONNECT", ":authority", "10.0.0.1:80")
+	c.status(9)
+	send(9, 1)
+	if f, ok := next().(*http2.GoAwayFrame); !ok || f.ErrCode != http2.ErrCodeFlowControl {
+		t.Fatalf("got %v, want GOAWAY FLOW_CONTROL_ERROR", f)
+	}
 }
 
 // TestXNetClient connects to our server the way Istio's Go HBONE client

@@ -104,6 +104,9 @@ func (p *Pool) Connect(ctx context.Context, k Key, target string, h http.Header)
 	if err := validHeader(h); err != nil {
 		return nil, err
 	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	var err error
 	for range 3 {
 		var c *conn
@@ -162,8 +165,8 @@ func (p *Pool) dial(k Key, d *dialCall) {
 	c, err := p.open(ctx, k)
 	p.mu.Lock()
 	delete(p.dials, k)
-	if err == nil && p.closed {
-		c.fail(ErrPoolClosed)
+	closed := err == nil && p.closed
+	if closed {
 		err = ErrPoolClosed
 	}
 	if err == nil {
@@ -177,6 +180,9 @@ func (p *Pool) dial(k Key, d *dialCall) {
 	d.err = err
 	close(d.done)
 	p.mu.Unlock()
+	if closed {
+		c.fail(ErrPoolClosed) // not under p.mu: fail calls back into the pool
+	}
 	if err != nil {
 		p.log.Debug("hbone: dial failed", "dst.addr", k.Addr, "identity", k.SrcIdentity, "error", err)
 		return

@@ -54,7 +54,6 @@ const (
 
 var errQueueOverflow = errors.New("hbone: peer is not reading: write queue overflow")
 
-
 func newWire(c net.Conn) *wire {
 	w := &wire{Conn: c, direct: true, kick: make(chan struct{}, 1), done: make(chan struct{})}
 	w.cond.L = &w.mu

@@ -14,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
@@ -36,6 +37,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/ambitmesh/ambit/api/zdsapi"
+	"github.com/ambitmesh/ambit/cni/nft"
 	"github.com/ambitmesh/ambit/e2e/lab"
 	"github.com/ambitmesh/ambit/ztunnel/inpod"
 )
@@ -149,28 +151,6 @@ spec:
   selector: {app: echo}
   ports:
   - {name: http, port: 80, targetPort: 8080}
-`
-
-// captureRules steers a pod's TCP into ztunnel's in-pod listeners the way
-// Istio's nftables mode does, until the capture issue's node agent
-// installs them itself: outbound to 15001 except ztunnel's own (marked)
-// sockets and loopback; inbound to 15006 except HBONE and the node's
-// probes.
-const captureRules = `
-table inet ambit_test {
-  chain output {
-    type nat hook output priority -100; policy accept;
-    meta mark 0x539 return
-    ip daddr 127.0.0.0/8 return
-    meta l4proto tcp redirect to :15001
-  }
-  chain prerouting {
-    type nat hook prerouting priority -100; policy accept;
-    ip saddr %s return
-    tcp dport 15008 return
-    meta l4proto tcp redirect to :15006
-  }
-}
 `
 
 // TestMesh installs Ambit from deploy/ into a lab and checks the node
@@ -531,12 +511,11 @@ func enrol(t *testing.T, ctx context.Context, l *lab.Lab, zds map[string]*inpod.
 	if err != nil {
 		t.Fatalf("enrolling %s/%s: %v", p.Namespace, p.Name, err)
 	}
+	// Steer its traffic as the nftables capture mode does (cni/nft),
+	// probes from the node excepted.
 	i, _ := lab.NodeIndex(p.Spec.NodeName)
-	rules := fmt.Sprintf(captureRules, nodeIPOf(i))
-	cmd := exec.CommandContext(ctx, "nsenter", "--net="+nsPath, "--", "nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(rules)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("capture rules for %s/%s: %v: %s", p.Namespace, p.Name, err, out)
+	if err := nft.Apply(nsPath, []netip.Addr{netip.MustParseAddr(nodeIPOf(i))}); err != nil {
+		t.Fatalf("capture rules for %s/%s: %v", p.Namespace, p.Name, err)
 	}
 }
 

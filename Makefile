@@ -28,6 +28,8 @@ deps: ## Install missing Debian packages (as root on Debian; elsewhere print wha
 .PHONY: build
 build: deps kube images ## Build every binary into bin/.
 	go build -o $(BIN)/ ./cmd/lab ./cmd/controller ./cmd/ztunnel
+	go build -o $(BIN)/ambit-cni ./cmd/cni
+	go build -o $(BIN)/ambit-cni-agent ./cmd/cni-agent
 
 # The Kubernetes release and etcd, built once from the module proxy and kept
 # in bin/kube-<version>/. One multi-call binary links once instead of five.

@@ -517,6 +517,10 @@ func enrol(t *testing.T, ctx context.Context, l *lab.Lab, zds map[string]*inpod.
 	if err := nft.Apply(nsPath, []netip.Addr{netip.MustParseAddr(nodeIPOf(i))}); err != nil {
 		t.Fatalf("capture rules for %s/%s: %v", p.Namespace, p.Name, err)
 	}
+	// Tell the controller, as the node agent does: peers may now use HBONE.
+	if out, err := l.KubectlCmd(ctx, "-n", p.Namespace, "annotate", "--overwrite", "pod", p.Name, "ambient.istio.io/redirection=enabled").CombinedOutput(); err != nil {
+		t.Fatalf("annotating %s/%s: %v: %s", p.Namespace, p.Name, err, out)
+	}
 }
 
 func nodeIPOf(i int) string { return "10.200.0." + strconv.Itoa(10+i) }

@@ -19,6 +19,12 @@ const (
 	LabelDataplaneMode   = "istio.io/dataplane-mode"
 	DataplaneModeAmbient = "ambient"
 	DataplaneModeNone    = "none"
+
+	// AnnotationRedirection is set to RedirectionEnabled by the CNI node
+	// agent once a pod's traffic is redirected to ztunnel (Istio's
+	// annotation).
+	AnnotationRedirection = "ambient.istio.io/redirection"
+	RedirectionEnabled    = "enabled"
 )
 
 // Mesh settings used when Inputs leaves them empty.
@@ -204,8 +210,11 @@ func (b *builder) workload(pod *corev1.Pod) *workloadapi.Workload {
 	if !podReady(pod) || pod.DeletionTimestamp != nil {
 		status = workloadapi.WorkloadStatus_UNHEALTHY
 	}
+	// HBONE only once the node agent has set up the pod's redirection
+	// and handed it to ztunnel (it then annotates the pod), as istiod
+	// waits for it: a peer sending HBONE earlier would find no listener.
 	tunnel := workloadapi.TunnelProtocol_NONE
-	if Enrolled(b.nsLabels[pod.Namespace], pod.Labels) {
+	if Enrolled(b.nsLabels[pod.Namespace], pod.Labels) && pod.Annotations[AnnotationRedirection] == RedirectionEnabled {
 		tunnel = workloadapi.TunnelProtocol_HBONE
 	}
 	var policies []string

@@ -29,7 +29,10 @@ type podOpt func(*corev1.Pod)
 // app=echo, service account echo and container port http=8080.
 func pod(name, ip string, opts ...podOpt) *corev1.Pod {
 	p := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", UID: k8stypes.UID("uid-" + name), Labels: map[string]string{"app": "echo"}},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", UID: k8stypes.UID("uid-" + name), Labels: map[string]string{"app": "echo"},
+			// The node agent has redirected it (it only matters for
+			// enrolled pods).
+			Annotations: map[string]string{xds.AnnotationRedirection: xds.RedirectionEnabled}},
 		Spec: corev1.PodSpec{
 			NodeName:           "node-1",
 			ServiceAccountName: "echo",
@@ -233,6 +236,14 @@ func TestEnrolment(t *testing.T) {
 		{name: "namespace with another value", nsLabels: map[string]string{xds.LabelDataplaneMode: "Ambient"}, want: workloadapi.TunnelProtocol_NONE},
 		{name: "label of another namespace does not count", nsLabels: map[string]string{}, podLabels: nil, want: workloadapi.TunnelProtocol_NONE},
 	}
+	t.Run("enrolled but not yet redirected by the node agent", func(t *testing.T) {
+		p := pod("a", "10.0.0.1")
+		delete(p.Annotations, xds.AnnotationRedirection)
+		in := xds.Inputs{Pods: []*corev1.Pod{p}, Namespaces: []*corev1.Namespace{namespace("default", map[string]string{xds.LabelDataplaneMode: "ambient"})}}
+		if got := workloadOf(t, xds.BuildAddresses(in), uidA).GetTunnelProtocol(); got != workloadapi.TunnelProtocol_NONE {
+			t.Errorf("tunnel_protocol = %v before redirection, want NONE", got)
+		}
+	})
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			in := xds.Inputs{

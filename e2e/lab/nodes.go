@@ -84,7 +84,9 @@ func (l *Lab) startNodes(ctx context.Context) error {
 			"--root="+l.NodeRoot(i),
 			"--lab-dir="+l.opts.Dir,
 			"--cni-conf-dir="+l.CNIConfDir(i),
-			"--cni-bin-dir=/usr/lib/cni:/opt/cni/bin:"+l.opts.BinDir,
+			// The node's own /opt/cni/bin (where Ambit's node agent
+			// installs its plugin), then Debian's plugins.
+			"--cni-bin-dir="+filepath.Join(l.NodeRoot(i), "opt", "cni", "bin")+":/usr/lib/cni",
 			"--bin-dir="+l.opts.BinDir,
 			"--cgroup="+filepath.Join(labCgroup(l.opts.Name), name),
 			"--cluster-dns="+dnsServiceIP,

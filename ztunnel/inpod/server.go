@@ -29,9 +29,12 @@ type Server struct {
 	conn      *zdsConn // the current ztunnel, nil if none
 }
 
+// entry is an enrolled pod. The namespace is held open by fd, not path:
+// a /proc/<pid>/ns/net path goes away with its process while the
+// namespace lives on.
 type entry struct {
-	info      *zdsapi.WorkloadInfo
-	netnsPath string
+	info  *zdsapi.WorkloadInfo
+	netns *os.File
 }
 
 type zdsConn struct {
@@ -122,11 +125,19 @@ func (s *Server) handshake(c *net.UnixConn) {
 	s.log.Info("ztunnel connected; snapshot sent", "workloads", len(snapshot))
 }
 
-// Upsert records an enrolled pod and sends it to the connected ztunnel,
+// Upsert records an enrolled pod (opening its network namespace, which
+// it holds open until Remove) and sends it to the connected ztunnel,
 // waiting for its ack.
 func (s *Server) Upsert(uid string, info *zdsapi.WorkloadInfo, netnsPath string) error {
-	e := entry{info: info, netnsPath: netnsPath}
+	f, err := os.Open(netnsPath)
+	if err != nil {
+		return fmt.Errorf("opening netns of %s: %w", uid, err)
+	}
+	e := entry{info: info, netns: f}
 	s.mu.Lock()
+	if old, ok := s.workloads[uid]; ok {
+		_ = old.netns.Close()
+	}
 	s.workloads[uid] = e
 	zc := s.conn
 	s.mu.Unlock()
@@ -141,6 +152,9 @@ func (s *Server) Upsert(uid string, info *zdsapi.WorkloadInfo, netnsPath string)
 // Remove forgets a pod and tells the connected ztunnel.
 func (s *Server) Remove(uid string) error {
 	s.mu.Lock()
+	if old, ok := s.workloads[uid]; ok {
+		_ = old.netns.Close()
+	}
 	delete(s.workloads, uid)
 	zc := s.conn
 	s.mu.Unlock()
@@ -153,11 +167,7 @@ func (s *Server) Remove(uid string) error {
 }
 
 func (zc *zdsConn) add(uid string, e entry) error {
-	f, err := os.Open(e.netnsPath)
-	if err != nil {
-		return fmt.Errorf("opening netns of %s: %w", uid, err)
-	}
-	defer func() { _ = f.Close() }() // read-only; the fd is sent, not written
+	f := e.netns
 	req := &zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_Add{Add: &zdsapi.AddWorkload{Uid: uid, WorkloadInfo: e.info}}}
 	return zc.request(req, int(f.Fd()))
 }

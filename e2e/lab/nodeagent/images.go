@@ -55,6 +55,7 @@ var images = []image{
 	// Ambit's own images, as deploy/ names them.
 	{names: []string{"ghcr.io/ambitmesh/ztunnel", "ambit/ztunnel"}, entrypoint: "ztunnel"},
 	{names: []string{"ghcr.io/ambitmesh/controller", "ambit/controller"}, entrypoint: "controller"},
+	{names: []string{"ghcr.io/ambitmesh/cni", "ambit/cni"}, entrypoint: "ambit-cni-agent"},
 }
 
 // ErrImagePull is wrapped by resolveImage for images not in the table.

@@ -398,7 +398,7 @@ func (w *podWorker) startProcess(ctx context.Context, c *ctr) (*exec.Cmd, error)
 	}
 	var mounts []Mount
 	for _, m := range vmounts {
-		mounts = append(mounts, Mount{Source: m.Source, Target: m.Target, ReadOnly: m.ReadOnly})
+		mounts = append(mounts, Mount{Source: m.Source, Target: m.Target, ReadOnly: m.ReadOnly, HostToContainer: propagates(&c.spec, m.Target)})
 	}
 	dir := w.a.podDir(w.uid)
 	if _, err := os.Stat(filepath.Join(dir, "resolv.conf")); err == nil {
@@ -694,4 +694,16 @@ func removeCgroup(dir string) error {
 		time.Sleep(50 * time.Millisecond)
 	}
 	return errors.Join(errs...)
+}
+
+// propagates reports whether the container's mount at target asks for
+// host-to-container (or bidirectional) propagation.
+func propagates(c *corev1.Container, target string) bool {
+	for _, vm := range c.VolumeMounts {
+		if vm.MountPath == target && vm.MountPropagation != nil &&
+			(*vm.MountPropagation == corev1.MountPropagationHostToContainer || *vm.MountPropagation == corev1.MountPropagationBidirectional) {
+			return true
+		}
+	}
+	return false
 }

@@ -39,6 +39,11 @@ type Mount struct {
 	Source   string `json:"source"`
 	Target   string `json:"target"`
 	ReadOnly bool   `json:"readOnly,omitempty"`
+	// HostToContainer makes the mount a slave of the host's, so that
+	// mounts made on the host later (new pod network namespaces under
+	// /run/netns) appear in the container, as mountPropagation:
+	// HostToContainer asks.
+	HostToContainer bool `json:"hostToContainer,omitempty"`
 }
 
 // PodInitArg is the first argument that makes the lab binary run PodInit.
@@ -57,9 +62,12 @@ func PodInit(specJSON string) error {
 	if err := unix.Sethostname([]byte(s.Hostname)); err != nil {
 		return fmt.Errorf("setting hostname: %w", err)
 	}
-	// Nothing mounted here may propagate back to the host.
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("making / private: %w", err)
+	// Nothing mounted here may propagate back to the host, but the
+	// host's new mounts (pod network namespaces under /run/netns) may come
+	// in: a slave of the host's mounts, as a container runtime's rslave
+	// root.
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_SLAVE, ""); err != nil {
+		return fmt.Errorf("making / a slave: %w", err)
 	}
 	for _, m := range s.Mounts {
 		if err := bindMount(m, s.MountPointLog); err != nil {
@@ -114,6 +122,11 @@ func bindMount(m Mount, logFile string) error {
 	}
 	if err := unix.Mount(m.Source, m.Target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 		return fmt.Errorf("bind-mounting %s on %s: %w", m.Source, m.Target, err)
+	}
+	if m.HostToContainer {
+		if err := unix.Mount("", m.Target, "", unix.MS_SLAVE|unix.MS_REC, ""); err != nil {
+			return fmt.Errorf("making %s a slave mount: %w", m.Target, err)
+		}
 	}
 	if m.ReadOnly {
 		if err := unix.Mount("", m.Target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_REC, ""); err != nil {

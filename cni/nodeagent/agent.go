@@ -1,0 +1,319 @@
+// Package nodeagent is Ambit's CNI node agent (a DaemonSet, one per node):
+// it decides which pods on its node are enrolled in the mesh (the
+// istio.io/dataplane-mode label on the pod or its namespace), and for each
+// one sets up redirection inside the pod's network namespace and hands the
+// namespace to ztunnel over ZDS; it releases pods whose label goes. Pods
+// already running are enrolled and released without restarts; new pods are
+// enrolled by the chained CNI plugin before they start (the plugin asks the
+// agent over a Unix socket, cni.AddPath).
+//
+// It redirects with nftables (package nft) for now; the eBPF mode is not
+// built yet. It does not proxy anything: ztunnel does.
+package nodeagent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sync"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	listersv1 "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/ambitmesh/ambit/api/zdsapi"
+	"github.com/ambitmesh/ambit/cni/nft"
+	"github.com/ambitmesh/ambit/ztunnel/inpod"
+)
+
+// Labels and annotations of Istio's ambient API.
+const (
+	LabelDataplaneMode    = "istio.io/dataplane-mode"
+	DataplaneModeAmbient  = "ambient"
+	DataplaneModeNone     = "none"
+	AnnotationRedirection = "ambient.istio.io/redirection"
+)
+
+// Enrolled reports whether a pod is in the mesh: its own label decides when
+// it is "ambient" or "none"; otherwise its namespace's label, where only
+// "ambient" enrols. (The controller applies the same rule.)
+func Enrolled(nsLabels, podLabels map[string]string) bool {
+	switch podLabels[LabelDataplaneMode] {
+	case DataplaneModeAmbient:
+		return true
+	case DataplaneModeNone:
+		return false
+	}
+	return nsLabels[LabelDataplaneMode] == DataplaneModeAmbient
+}
+
+// Options configures the agent.
+type Options struct {
+	NodeName string
+	Client   kubernetes.Interface
+	// ZDSSocket is where ztunnel connects (/var/run/ztunnel/ztunnel.sock).
+	ZDSSocket string
+	Log       *slog.Logger
+}
+
+// Agent is a running node agent.
+type Agent struct {
+	opts  Options
+	log   *slog.Logger
+	zds   *inpod.Server
+	pods  listersv1.PodLister
+	nss   listersv1.NamespaceLister
+	queue workqueue.TypedRateLimitingInterface[types.NamespacedName]
+
+	nodeIP string // where kubelet's probes come from
+
+	mu       sync.Mutex
+	enrolled map[types.UID]enrolment // pods whose traffic is redirected
+}
+
+type enrolment struct {
+	netns string
+	name  types.NamespacedName
+}
+
+// New returns an agent; Run starts it.
+func New(opts Options) (*Agent, error) {
+	zds, err := inpod.NewServer(opts.ZDSSocket, opts.Log.With("component", "zds"))
+	if err != nil {
+		return nil, err
+	}
+	return &Agent{
+		opts: opts, log: opts.Log, zds: zds, enrolled: map[types.UID]enrolment{},
+		queue: workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[types.NamespacedName]()),
+	}, nil
+}
+
+// Run serves ZDS and keeps every pod of the node enrolled or released as
+// its labels say, until ctx is done. Redirection stays in place when the
+// agent stops (fail closed; a restarted agent picks the pods up again).
+func (a *Agent) Run(ctx context.Context) error {
+	go func() { _ = a.zds.Serve(ctx) }()
+	defer func() { _ = a.zds.Close() }()
+	if node, err := a.opts.Client.CoreV1().Nodes().Get(ctx, a.opts.NodeName, metav1.GetOptions{}); err == nil {
+		for _, ad := range node.Status.Addresses {
+			if ad.Type == corev1.NodeInternalIP {
+				a.nodeIP = ad.Address
+			}
+		}
+	}
+	onNode := informers.NewSharedInformerFactoryWithOptions(a.opts.Client, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", a.opts.NodeName).String()
+	}))
+	all := informers.NewSharedInformerFactory(a.opts.Client, 0)
+	podInf := onNode.Core().V1().Pods()
+	nsInf := all.Core().V1().Namespaces()
+	a.pods, a.nss = podInf.Lister(), nsInf.Lister()
+	enqueue := func(obj any) {
+		if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+			obj = t.Obj
+		}
+		if p, ok := obj.(*corev1.Pod); ok {
+			a.queue.Add(types.NamespacedName{Namespace: p.Namespace, Name: p.Name})
+		}
+	}
+	if _, err := podInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: enqueue, UpdateFunc: func(_, o any) { enqueue(o) }, DeleteFunc: enqueue,
+	}); err != nil {
+		return err
+	}
+	// A namespace label change touches every pod of the node in it.
+	nsChanged := func(obj any) {
+		ns, ok := obj.(*corev1.Namespace)
+		if !ok {
+			return
+		}
+		pods, _ := a.pods.Pods(ns.Name).List(labelsEverything())
+		for _, p := range pods {
+			enqueue(p)
+		}
+	}
+	if _, err := nsInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: nsChanged, UpdateFunc: func(_, o any) { nsChanged(o) },
+	}); err != nil {
+		return err
+	}
+	onNode.Start(ctx.Done())
+	all.Start(ctx.Done())
+	onNode.WaitForCacheSync(ctx.Done())
+	all.WaitForCacheSync(ctx.Done())
+	a.log.Info("node agent running", "node", a.opts.NodeName, "mode", "nftables", "zds", a.opts.ZDSSocket)
+	go func() { <-ctx.Done(); a.queue.ShutDown() }()
+	for a.next(ctx) {
+	}
+	return nil
+}
+
+func (a *Agent) next(ctx context.Context) bool {
+	key, quit := a.queue.Get()
+	if quit {
+		return false
+	}
+	defer a.queue.Done(key)
+	if err := a.sync(ctx, key); err != nil {
+		a.log.Warn("syncing pod", "pod", key.String(), "error", err)
+		a.queue.AddRateLimited(key)
+		return true
+	}
+	a.queue.Forget(key)
+	return true
+}
+
+// sync brings one pod to its desired state.
+func (a *Agent) sync(ctx context.Context, key types.NamespacedName) error {
+	pod, err := a.pods.Pods(key.Namespace).Get(key.Name)
+	if apierrors.IsNotFound(err) {
+		a.forgetByName(key)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	want := a.wants(pod)
+	a.mu.Lock()
+	cur, have := a.enrolled[pod.UID]
+	a.mu.Unlock()
+	switch {
+	case want && !have:
+		netns, err := FindNetns(podIP(pod))
+		if err != nil {
+			return err
+		}
+		return a.enrol(ctx, pod, netns)
+	case !want && have:
+		return a.release(ctx, pod, cur.netns)
+	}
+	return nil
+}
+
+// wants reports whether pod should be redirected now.
+func (a *Agent) wants(pod *corev1.Pod) bool {
+	if pod.Spec.HostNetwork || pod.DeletionTimestamp != nil || pod.Status.PodIP == "" ||
+		pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
+		return false
+	}
+	ns, err := a.nss.Get(pod.Namespace)
+	if err != nil {
+		return false
+	}
+	return Enrolled(ns.Labels, pod.Labels)
+}
+
+// enrol hands the pod to ztunnel, then redirects its traffic: in that order
+// so that redirected connections find ztunnel's listeners. If ztunnel is
+// not connected the rules go in anyway (fail closed: the pod's traffic
+// fails until ztunnel is back, and never leaves in plaintext); ztunnel gets
+// the pod in its snapshot when it connects.
+func (a *Agent) enrol(ctx context.Context, pod *corev1.Pod, netns string) error {
+	sa := pod.Spec.ServiceAccountName
+	if sa == "" {
+		sa = "default"
+	}
+	info := &zdsapi.WorkloadInfo{Name: pod.Name, Namespace: pod.Namespace, ServiceAccount: sa}
+	if err := a.zds.Upsert(string(pod.UID), info, netns); err != nil && !errors.Is(err, inpod.ErrNoZtunnel) {
+		return fmt.Errorf("handing %s/%s to ztunnel: %w", pod.Namespace, pod.Name, err)
+	}
+	if err := nft.Apply(netns, probeSources(pod)); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	a.enrolled[pod.UID] = enrolment{netns: netns, name: types.NamespacedName{Namespace: pod.Namespace, Name: pod.Name}}
+	a.mu.Unlock()
+	if err := a.annotate(ctx, pod, true); err != nil {
+		return err
+	}
+	a.log.Info("pod enrolled", "pod", pod.Namespace+"/"+pod.Name, "netns", netns)
+	return nil
+}
+
+// release removes the redirection first, then tells ztunnel, so that no
+// connection is redirected to listeners that are going away.
+func (a *Agent) release(ctx context.Context, pod *corev1.Pod, netns string) error {
+	if err := nft.Remove(netns); err != nil {
+		return err
+	}
+	if err := a.zds.Remove(string(pod.UID)); err != nil && !errors.Is(err, inpod.ErrNoZtunnel) {
+		a.log.Warn("telling ztunnel a pod left", "pod", pod.Namespace+"/"+pod.Name, "error", err)
+	}
+	a.mu.Lock()
+	delete(a.enrolled, pod.UID)
+	a.mu.Unlock()
+	if err := a.annotate(ctx, pod, false); err != nil {
+		return err
+	}
+	a.log.Info("pod released", "pod", pod.Namespace+"/"+pod.Name)
+	return nil
+}
+
+// forgetByName drops the record of a deleted pod; its namespace went with
+// it, so there is nothing to undo but ztunnel's state.
+func (a *Agent) forgetByName(key types.NamespacedName) {
+	a.mu.Lock()
+	var gone []types.UID
+	for uid, e := range a.enrolled {
+		if e.name == key {
+			gone = append(gone, uid)
+		}
+	}
+	for _, uid := range gone {
+		delete(a.enrolled, uid)
+	}
+	a.mu.Unlock()
+	for _, uid := range gone {
+		_ = a.zds.Remove(string(uid))
+	}
+}
+
+// annotate sets or clears ambient.istio.io/redirection: enabled.
+func (a *Agent) annotate(ctx context.Context, pod *corev1.Pod, on bool) error {
+	var v any
+	if on {
+		if pod.Annotations[AnnotationRedirection] == "enabled" {
+			return nil
+		}
+		v = "enabled"
+	} else if _, ok := pod.Annotations[AnnotationRedirection]; !ok {
+		return nil
+	}
+	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{AnnotationRedirection: v}}})
+	_, err := a.opts.Client.CoreV1().Pods(pod.Namespace).Patch(ctx, pod.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	return err
+}
+
+func podIP(pod *corev1.Pod) netip.Addr {
+	ip, _ := netip.ParseAddr(pod.Status.PodIP)
+	return ip
+}
+
+// probeSources are where kubelet's probes come from: the node's address.
+func probeSources(pod *corev1.Pod) []netip.Addr {
+	var out []netip.Addr
+	for _, h := range pod.Status.HostIPs {
+		if ip, err := netip.ParseAddr(h.IP); err == nil {
+			out = append(out, ip)
+		}
+	}
+	if len(out) == 0 {
+		if ip, err := netip.ParseAddr(pod.Status.HostIP); err == nil {
+			out = append(out, ip)
+		}
+	}
+	return out
+}

@@ -1,0 +1,79 @@
+package nodeagent
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestEnrolled(t *testing.T) {
+	amb := map[string]string{LabelDataplaneMode: DataplaneModeAmbient}
+	none := map[string]string{LabelDataplaneMode: DataplaneModeNone}
+	other := map[string]string{LabelDataplaneMode: "sidecar"}
+	tests := []struct {
+		name    string
+		ns, pod map[string]string
+		want    bool
+	}{
+		{"namespace enrols", amb, nil, true},
+		{"pod opts out", amb, none, false},
+		{"pod opts in", nil, amb, true},
+		{"pod opts in, namespace none", none, amb, true},
+		{"no labels", nil, nil, false},
+		{"other namespace mode", other, nil, false},
+		{"other pod mode defers to namespace", amb, other, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := Enrolled(tc.ns, tc.pod); got != tc.want {
+				t.Errorf("Enrolled = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestFindNetns puts an address in a fresh namespace with a process in it
+// and finds the namespace from the address, as for a running pod.
+func TestFindNetns(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make a network namespace")
+	}
+	name := fmt.Sprintf("ambit-findns-%d-%d", os.Getpid(), time.Now().UnixNano()%100000)
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	run("ip", "netns", "add", name)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", name).Run() })
+	run("ip", "-n", name, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+	run("ip", "-n", name, "addr", "add", "192.0.2.77/32", "dev", "d0")
+	sleeper := exec.Command("nsenter", "--net=/run/netns/"+name, "--", "sleep", "60")
+	if err := sleeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sleeper.Process.Kill(); _ = sleeper.Wait() })
+	var path string
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if path, err = FindNetns(netip.MustParseAddr("192.0.2.77")); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("FindNetns: %v", err)
+	}
+	want, _ := os.Stat("/run/netns/" + name)
+	got, _ := os.Stat(path)
+	if !os.SameFile(want, got) {
+		t.Errorf("found %s, not the namespace holding the address", path)
+	}
+	if _, err := FindNetns(netip.MustParseAddr("192.0.2.78")); err == nil {
+		t.Error("found a namespace for an address nobody has")
+	}
+}

@@ -1,0 +1,80 @@
+package nodeagent
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"k8s.io/apimachinery/pkg/labels"
+)
+
+func labelsEverything() labels.Selector { return labels.Everything() }
+
+// ErrNoNetns is returned by FindNetns when no process is in a namespace
+// holding the address (the pod has no running container yet).
+var ErrNoNetns = errors.New("no network namespace holds the pod's address")
+
+// FindNetns finds the network namespace of a running pod from its IP, as
+// Istio's node agent does for pods that were running before it: it looks at
+// the namespace of every process on the node (each namespace once) for an
+// interface with that address, and returns a /proc/<pid>/ns/net path to it.
+func FindNetns(ip netip.Addr) (string, error) {
+	if !ip.IsValid() {
+		return "", errors.New("pod has no IP yet")
+	}
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return "", err
+	}
+	seen := map[uint64]bool{}
+	self, _ := os.Stat("/proc/self/ns/net")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		path := filepath.Join("/proc", e.Name(), "ns", "net")
+		st, err := os.Stat(path)
+		if err != nil {
+			continue
+		}
+		ino := st.Sys().(*syscall.Stat_t).Ino
+		if seen[ino] || (self != nil && os.SameFile(st, self)) {
+			continue
+		}
+		seen[ino] = true
+		if has, err := netnsHasAddr(path, ip); err == nil && has {
+			return fmt.Sprintf("/proc/%d/ns/net", pid), nil
+		}
+	}
+	return "", fmt.Errorf("%w: %s", ErrNoNetns, ip)
+}
+
+func netnsHasAddr(path string, ip netip.Addr) (bool, error) {
+	h, err := netns.GetFromPath(path)
+	if err != nil {
+		return false, err
+	}
+	defer h.Close()
+	nl, err := netlink.NewHandleAt(h)
+	if err != nil {
+		return false, err
+	}
+	defer nl.Close()
+	addrs, err := nl.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return false, err
+	}
+	for _, a := range addrs {
+		if got, ok := netip.AddrFromSlice(a.IP); ok && got.Unmap() == ip.Unmap() {
+			return true, nil
+		}
+	}
+	return false, nil
+}

@@ -1,0 +1,303 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/ambitmesh/ambit/cni/nft"
+	"github.com/ambitmesh/ambit/e2e/lab"
+)
+
+const captureApps = `
+apiVersion: v1
+kind: Namespace
+metadata: {name: cap}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo, namespace: cap}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      nodeSelector: {kubernetes.io/hostname: node-1}
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: echo
+        image: gcr.io/istio-testing/app
+        args: [--port=8080]
+        readinessProbe:
+          httpGet: {path: /, port: 8080}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: cap}
+spec:
+  selector: {app: echo}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: cap}
+spec:
+  nodeName: node-2
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: client, image: curlimages/curl, command: [/bin/sleep, infinity]}
+`
+
+// TestCapture installs Ambit with its CNI node agent (nftables mode) and
+// checks enrolment without restarts: plaintext before the label, HBONE
+// within 2 s of labelling with no failed request and no pod restarted,
+// plaintext again and nothing left in the pods after unlabelling, no
+// plaintext while ztunnel is down, and a pod created in an enrolled
+// namespace captured from its start by the chained CNI plugin.
+func TestCapture(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the lab needs root (network namespaces, cgroups, mounts); run `make test` as root")
+	}
+	binDir := os.Getenv("AMBIT_BIN_DIR")
+	if binDir == "" {
+		binDir, _ = filepath.Abs("../bin")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
+	defer cancel()
+	l, err := lab.Up(ctx, lab.Options{Name: "cap", Nodes: 2, BinDir: binDir, Progress: testWriter{t}})
+	if err != nil {
+		t.Fatalf("lab up: %v", err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() && os.Getenv("AMBIT_KEEP_LAB") != "" {
+			t.Logf("AMBIT_KEEP_LAB is set: leaving the failed lab up: KUBECONFIG=%s; %s/lab down --name cap", l.Kubeconfig(), binDir)
+			return
+		}
+		if err := l.Down(); err != nil {
+			t.Errorf("lab down: %v", err)
+		}
+	})
+	cs, err := l.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kubectl := func(args ...string) string {
+		t.Helper()
+		out, err := l.KubectlCmd(ctx, args...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return string(out)
+	}
+	repo := filepath.Dir(binDir)
+	for _, f := range []string{"deploy/crds/istio/security.yaml", "deploy/ambit.yaml", "deploy/cni.yaml"} {
+		kubectl("apply", "--server-side", "-f", filepath.Join(repo, f))
+	}
+	for _, r := range []string{"deploy/ambit-controller", "ds/ztunnel", "ds/ambit-cni-node"} {
+		kubectl("-n", "istio-system", "rollout", "status", r, "--timeout=120s")
+	}
+	if err := l.Apply(ctx, []byte(captureApps)); err != nil {
+		t.Fatal(err)
+	}
+	kubectl("-n", "cap", "rollout", "status", "deploy/echo", "--timeout=120s")
+	kubectl("-n", "cap", "wait", "--for=condition=Ready", "pod/client", "--timeout=120s")
+	before := podStarts(ctx, t, cs, "cap")
+
+	// A request loop in the client: one new connection per request,
+	// each line "<unix nanos> <http code>".
+	loop := l.KubectlCmd(ctx, "-n", "cap", "exec", "client", "--", "sh", "-c",
+		`while true; do c=$(curl -s -o /dev/null -m 2 -w '%{http_code}' http://echo.cap.svc.cluster.local/); echo "$(date +%s%N) $c"; done`)
+	lout, _ := loop.StdoutPipe()
+	if err := loop.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = loop.Process.Kill(); _ = loop.Wait() }()
+	lines := make(chan string, 10000)
+	go func() {
+		s := bufio.NewScanner(lout)
+		for s.Scan() {
+			lines <- s.Text()
+		}
+		close(lines)
+	}()
+	waitForLine(t, lines, 30*time.Second, func(_ int64, code string) bool { return code == "200" })
+
+	// hbonePackets captures the underlay while the loop completes three
+	// requests (or, with failing=true, for one second of failing ones).
+	hbonePackets := func(failing bool) (hbone, plain int, pcap []byte) {
+		c := startCapture(t, ctx, l, "n1")
+		started := time.Now().UnixNano()
+		if failing {
+			waitForLine(t, lines, 10*time.Second, func(ts int64, _ string) bool { return ts > started+int64(time.Second) })
+		} else {
+			for i := 0; i < 3; i++ {
+				waitForLine(t, lines, 10*time.Second, func(ts int64, code string) bool { return ts > started && code == "200" })
+			}
+		}
+		pcap = c.stop(t)
+		return countPackets(t, pcap, "tcp port 15008"), countPackets(t, pcap, "tcp port 8080"), pcap
+	}
+	t.Run("plaintext before enrolment", func(t *testing.T) {
+		h, p, _ := hbonePackets(false)
+		if p == 0 || h != 0 {
+			t.Errorf("want plaintext only on the underlay: %d packets to 8080, %d HBONE", p, h)
+		}
+	})
+
+	t.Run("label: HBONE within 2s, no failed request, no restart", func(t *testing.T) {
+		labelled := time.Now()
+		kubectl("label", "namespace", "cap", "istio.io/dataplane-mode=ambient")
+		// Every request after the label must succeed; enrolment must be
+		// visible within 2 s (the pods carry the redirection annotation).
+		waitFor(t, 2*time.Second, func() (bool, string) {
+			pods, _ := cs.CoreV1().Pods("cap").List(ctx, metav1.ListOptions{})
+			n := 0
+			for _, p := range pods.Items {
+				if p.Annotations["ambient.istio.io/redirection"] == "enabled" {
+					n++
+				}
+			}
+			return n == len(pods.Items), fmt.Sprintf("%d of %d pods annotated after %s", n, len(pods.Items), time.Since(labelled))
+		})
+		enrolled := time.Now()
+		waitForLine(t, lines, 10*time.Second, func(ts int64, code string) bool {
+			if ts > labelled.UnixNano() && code != "200" {
+				t.Errorf("request failed during the switch: %s", code)
+			}
+			return ts > enrolled.UnixNano()+int64(500*time.Millisecond)
+		})
+		h, p, _ := hbonePackets(false)
+		if h == 0 || p != 0 {
+			t.Errorf("want HBONE only on the underlay: %d HBONE packets, %d to 8080", h, p)
+		}
+		if after := podStarts(ctx, t, cs, "cap"); after != before {
+			t.Errorf("pods restarted: before %s, after %s", before, after)
+		}
+	})
+
+	t.Run("unlabel: plaintext again, nothing left in the pods", func(t *testing.T) {
+		kubectl("label", "namespace", "cap", "istio.io/dataplane-mode-")
+		waitFor(t, 10*time.Second, func() (bool, string) {
+			pods, _ := cs.CoreV1().Pods("cap").List(ctx, metav1.ListOptions{})
+			for _, p := range pods.Items {
+				if _, ok := p.Annotations["ambient.istio.io/redirection"]; ok {
+					return false, p.Name + " still annotated"
+				}
+				if ok, err := nft.Installed(l.PodNetnsPath(p.UID)); err != nil || ok {
+					return false, fmt.Sprintf("%s: rules still installed (%v)", p.Name, err)
+				}
+			}
+			return true, ""
+		})
+		flushLines(lines)
+		h, p, _ := hbonePackets(false)
+		if p == 0 || h != 0 {
+			t.Errorf("want plaintext only again: %d packets to 8080, %d HBONE", p, h)
+		}
+	})
+
+	t.Run("ztunnel down: no plaintext leak, then traffic resumes", func(t *testing.T) {
+		kubectl("label", "namespace", "cap", "istio.io/dataplane-mode=ambient")
+		waitFor(t, 10*time.Second, func() (bool, string) {
+			p, _ := cs.CoreV1().Pods("cap").Get(ctx, "client", metav1.GetOptions{})
+			return p.Annotations["ambient.istio.io/redirection"] == "enabled", "client not enrolled"
+		})
+		flushLines(lines)
+		// Stop node-2's ztunnel (the client's) for good: no DaemonSet
+		// pod may run there while we look.
+		kubectl("-n", "istio-system", "patch", "ds", "ztunnel", "--type=json",
+			`-p=[{"op":"add","path":"/spec/template/spec/affinity","value":{"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[{"matchExpressions":[{"key":"kubernetes.io/hostname","operator":"NotIn","values":["node-2"]}]}]}}}}]`)
+		waitFor(t, 60*time.Second, func() (bool, string) {
+			pods, _ := cs.CoreV1().Pods("istio-system").List(ctx, metav1.ListOptions{LabelSelector: "app=ztunnel", FieldSelector: "spec.nodeName=node-2"})
+			return len(pods.Items) == 0, fmt.Sprintf("%d ztunnel pods on node-2", len(pods.Items))
+		})
+		flushLines(lines)
+		_, p, _ := hbonePackets(true)
+		if p != 0 {
+			t.Errorf("%d plaintext packets to the app while the client's ztunnel was down", p)
+		}
+		kubectl("-n", "istio-system", "patch", "ds", "ztunnel", "--type=json", `-p=[{"op":"remove","path":"/spec/template/spec/affinity"}]`)
+		kubectl("-n", "istio-system", "rollout", "status", "ds/ztunnel", "--timeout=120s")
+		flushLines(lines)
+		waitForLine(t, lines, 30*time.Second, func(_ int64, code string) bool { return code == "200" })
+		h, p, _ := hbonePackets(false)
+		if h == 0 || p != 0 {
+			t.Errorf("after ztunnel came back: %d HBONE packets, %d to 8080", h, p)
+		}
+		if after := podStarts(ctx, t, cs, "cap"); after != before {
+			t.Errorf("pods restarted: before %s, after %s", before, after)
+		}
+	})
+
+	t.Run("a new pod in an enrolled namespace is captured from its start", func(t *testing.T) {
+		kubectlApply(t, ctx, l, `
+apiVersion: v1
+kind: Pod
+metadata: {name: late, namespace: cap}
+spec:
+  nodeName: node-2
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: client, image: curlimages/curl, command: [/bin/sleep, infinity]}
+`)
+		kubectl("-n", "cap", "wait", "--for=condition=Ready", "pod/late", "--timeout=60s")
+		p, err := cs.CoreV1().Pods("cap").Get(ctx, "late", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Annotations["ambient.istio.io/redirection"] != "enabled" {
+			t.Error("the new pod is not annotated as redirected")
+		}
+		if ok, err := nft.Installed(l.PodNetnsPath(p.UID)); err != nil || !ok {
+			t.Errorf("no capture rules in the new pod: %v", err)
+		}
+		out, err := l.KubectlCmd(ctx, "-n", "cap", "exec", "late", "--", "curl", "-sS", "--max-time", "3", "http://echo.cap.svc.cluster.local/").CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "Hostname=echo-") {
+			t.Errorf("the new pod's request: %v %s", err, out)
+		}
+	})
+}
+
+// podStarts is the pods of a namespace by UID with their containers' start
+// times and restart counts: equal before and after means nothing restarted.
+func podStarts(ctx context.Context, t *testing.T, cs kubernetes.Interface, ns string) string {
+	t.Helper()
+	pods, err := cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var parts []string
+	for _, p := range pods.Items {
+		for _, c := range p.Status.ContainerStatuses {
+			started := ""
+			if c.State.Running != nil {
+				started = c.State.Running.StartedAt.String()
+			}
+			parts = append(parts, fmt.Sprintf("%s/%s/%s@%s#%d", p.Name, p.UID, c.Name, started, c.RestartCount))
+		}
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, " ")
+}
+
+func flushLines(lines <-chan string) {
+	for {
+		select {
+		case <-lines:
+		default:
+			return
+		}
+	}
+}

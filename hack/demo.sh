@@ -8,20 +8,27 @@ kubectl() { "$bin/kube-v1.36.0/kubectl" --kubeconfig "$kubeconfig" "$@"; }
 t=$(date +%s)
 kubectl apply --server-side -f deploy/crds/istio/security.yaml >/dev/null
 kubectl apply --server-side -f deploy/ambit.yaml >/dev/null
+kubectl apply --server-side -f deploy/cni.yaml >/dev/null
 kubectl -n istio-system rollout status deploy/ambit-controller --timeout=120s >/dev/null
 kubectl -n istio-system rollout status ds/ztunnel --timeout=120s >/dev/null
-echo "demo: Ambit installed (controller and ztunnel ready) in $(( $(date +%s) - t ))s"
+kubectl -n istio-system rollout status ds/ambit-cni-node --timeout=120s >/dev/null
+echo "demo: Ambit installed (controller, ztunnel and CNI node agent ready) in $(( $(date +%s) - t ))s"
 kubectl get nodes
 kubectl get pods -A -o wide
 cat <<MSG
 
-Ambit's controller (mesh CA + xDS) and a ztunnel per node are running.
-Label a namespace to enrol it:   kubectl label namespace default istio.io/dataplane-mode=ambient
-Apply Istio AuthorizationPolicy / PeerAuthentication YAML as is.
-See node-1 tunnel's live config: nsenter --net=/run/netns/${lab}-node1 curl -s 127.0.0.1:15000/config_dump
+Ambit is running: the controller (mesh CA + xDS), and on every node a
+ztunnel and the CNI node agent. Try it:
 
+  export KUBECONFIG=$kubeconfig PATH=$bin/kube-v1.36.0:\$PATH
+  kubectl create deployment echo --image=gcr.io/istio-testing/app
+  kubectl expose deployment echo --port=80 --target-port=8080
+  kubectl run client --image=curlimages/curl --command -- sleep infinity
+  kubectl exec client -- curl -s http://echo/             # plaintext
+  kubectl label namespace default istio.io/dataplane-mode=ambient
+  kubectl exec client -- curl -s http://echo/             # now over HBONE (mTLS), no restart
+  nsenter --net=/run/netns/${lab}-node1 curl -s 127.0.0.1:15020/metrics | grep istio_tcp
+  nsenter --net=/run/netns/${lab}-node1 curl -s 127.0.0.1:15000/config_dump
 
-Not yet: the capture of pod traffic into ztunnel (the CNI plugin and node agent)
-is the next issue; until then enrolled pods get identities, certificates and
-config, and 'make test' steers test pods' traffic into ztunnel itself.
+Then apply Istio AuthorizationPolicy / PeerAuthentication YAML as is.
 MSG

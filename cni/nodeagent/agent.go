@@ -187,6 +187,12 @@ func (a *Agent) sync(ctx context.Context, key types.NamespacedName) error {
 	a.mu.Lock()
 	cur, have := a.enrolled[pod.UID]
 	a.mu.Unlock()
+	// A pod the CNI plugin just enrolled has no IP in the informer's copy
+	// until kubelet reports it: that is not a reason to release it.
+	if have && !want && pod.Status.PodIP == "" && pod.DeletionTimestamp == nil &&
+		pod.Status.Phase != corev1.PodSucceeded && pod.Status.Phase != corev1.PodFailed && a.labelsEnrol(pod) {
+		return nil
+	}
 	switch {
 	case want && !have:
 		netns, err := FindNetns(podIP(pod))
@@ -206,6 +212,12 @@ func (a *Agent) wants(pod *corev1.Pod) bool {
 		pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
 		return false
 	}
+	return a.labelsEnrol(pod)
+}
+
+// labelsEnrol reports whether the pod's and its namespace's labels put it in
+// the mesh.
+func (a *Agent) labelsEnrol(pod *corev1.Pod) bool {
 	ns, err := a.nss.Get(pod.Namespace)
 	if err != nil {
 		return false

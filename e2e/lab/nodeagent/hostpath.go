@@ -13,11 +13,9 @@ import (
 // node-local and resolves below the node's root, so that, say, each node's
 // ztunnel has its own /var/run/ztunnel and each node its own
 // /etc/cni/net.d, as on real machines.
-//
-// /var/run/ambit is shared too: the CNI plugin, run by the lab's node agent
-// in the machine's filesystem, must find the Ambit node agent's socket
-// there; the sockets are named after their node.
-var hostShared = []string{"/proc", "/sys", "/dev", "/run/netns", "/var/run/netns", "/var/run/ambit", "/run/ambit", "/lib/modules", "/usr", "/bin", "/sbin", "/lib", "/lib64"}
+// (The CNI plugins the lab runs see the node's /var/run/ambit: see
+// nodeExec.)
+var hostShared = []string{"/proc", "/sys", "/dev", "/run/netns", "/var/run/netns", "/lib/modules", "/usr", "/bin", "/sbin", "/lib", "/lib64"}
 
 // HostPath returns where a pod's hostPath lives on this machine for a node
 // whose root is root.

@@ -11,7 +11,9 @@ import (
 	"strings"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/invoke"
 	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
 )
@@ -58,8 +60,43 @@ func (a *Agent) loadConflist() (*libcni.NetworkConfigList, error) {
 }
 
 func (a *Agent) cni() *libcni.CNIConfig {
-	return libcni.NewCNIConfig(filepath.SplitList(a.opts.CNIBinDir), nil)
+	return libcni.NewCNIConfig(filepath.SplitList(a.opts.CNIBinDir), &nodeExec{root: a.opts.Root, dir: filepath.Join(a.opts.Dir, "cni-exec")})
 }
+
+// nodeExec runs CNI plugins with the node's view of the paths a chained
+// plugin talks through: /var/run/ambit (the CNI node agent's socket) is
+// node-local in the lab like every hostPath, so each plugin runs in a
+// mount namespace of its own where the node's directory is bound there.
+// Without it two labs on one machine would share the agent socket.
+type nodeExec struct {
+	invoke.RawExec
+	version.PluginDecoder
+	root, dir string
+}
+
+// FindInPath returns a wrapper that sets up the node's view and then
+// executes the real plugin with the same stdin and environment.
+func (e *nodeExec) FindInPath(plugin string, paths []string) (string, error) {
+	real, err := invoke.FindInPath(plugin, paths)
+	if err != nil || e.root == "" {
+		return real, err
+	}
+	src := filepath.Join(e.root, "var", "run", "ambit")
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(e.dir, 0o755); err != nil {
+		return "", err
+	}
+	wrapper := filepath.Join(e.dir, plugin)
+	script := fmt.Sprintf("#!/bin/sh\nexec unshare --mount --propagation private -- sh -c 'mkdir -p /run/ambit && mount --bind \"$0\" /run/ambit && exec \"$1\"' %q %q\n", src, real)
+	if err := os.WriteFile(wrapper+".tmp", []byte(script), 0o755); err != nil {
+		return "", err
+	}
+	return wrapper, os.Rename(wrapper+".tmp", wrapper)
+}
+
+var _ invoke.Exec = (*nodeExec)(nil)
 
 // createSandbox makes the pod's network namespace and runs CNI ADD in it.
 func (a *Agent) createSandbox(ctx context.Context, pod *corev1.Pod) (*sandbox, error) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -185,6 +186,18 @@ func TestCapture(t *testing.T) {
 		if after := podStarts(ctx, t, cs, "cap"); after != before {
 			t.Errorf("pods restarted: before %s, after %s", before, after)
 		}
+		// The app sees the client pod as the peer, not its own address:
+		// ztunnel dials it transparently (acceptance 3). Istio's echo
+		// server answers with an "IP=<peer ip>" line, the host of the
+		// request's RemoteAddr.
+		client, err := cs.CoreV1().Pods("cap").Get(ctx, "client", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := kubectl("-n", "cap", "exec", "client", "--", "curl", "-s", "-m", "5", "http://echo.cap.svc.cluster.local/")
+		if want := "IP=" + client.Status.PodIP; !slices.Contains(strings.Fields(out), want) {
+			t.Errorf("echo does not see the client pod %s as the source: want %q in\n%s", client.Status.PodIP, want, out)
+		}
 	})
 
 	t.Run("unlabel: plaintext again, nothing left in the pods", func(t *testing.T) {
@@ -266,6 +279,32 @@ spec:
 		out, err := l.KubectlCmd(ctx, "-n", "cap", "exec", "late", "--", "curl", "-sS", "--max-time", "3", "http://echo.cap.svc.cluster.local/").CombinedOutput()
 		if err != nil || !strings.Contains(string(out), "Hostname=echo-") {
 			t.Errorf("the new pod's request: %v %s", err, out)
+		}
+	})
+
+	t.Run("plaintext from outside the mesh: the app sees the client", func(t *testing.T) {
+		kubectlApply(t, ctx, l, `
+apiVersion: v1
+kind: Namespace
+metadata: {name: cap-plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outside, namespace: cap-plain}
+spec:
+  nodeName: node-2
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: client, image: curlimages/curl, command: [/bin/sleep, infinity]}
+`)
+		kubectl("-n", "cap-plain", "wait", "--for=condition=Ready", "pod/outside", "--timeout=60s")
+		p, err := cs.CoreV1().Pods("cap-plain").Get(ctx, "outside", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := kubectl("-n", "cap-plain", "exec", "outside", "--", "curl", "-s", "-m", "5", "http://echo.cap.svc.cluster.local/")
+		if want := "IP=" + p.Status.PodIP; !slices.Contains(strings.Fields(out), want) {
+			t.Errorf("echo does not see the plaintext client %s as the source: want %q in\n%s", p.Status.PodIP, want, out)
 		}
 	})
 }

@@ -1,13 +1,19 @@
 package nft
 
 import (
+	"context"
 	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/ambitmesh/ambit/ztunnel/inpod"
 )
 
 func TestRulesetGolden(t *testing.T) {
@@ -53,10 +59,107 @@ func TestApplyRemove(t *testing.T) {
 	if ok, err := Installed(path); err != nil || !ok {
 		t.Fatalf("installed: %v %v", ok, err)
 	}
+	if ok, err := RoutingInstalled(path); err != nil || !ok {
+		t.Fatalf("policy routing installed: %v %v", ok, err)
+	}
+	if rules := ipOut(t, name, "-4", "rule", "list", "pref", "32764"); strings.Count(rules, "lookup 133") != 1 {
+		t.Errorf("want exactly one rule after two Applies, got:\n%s", rules)
+	}
+	if routes := ipOut(t, name, "-4", "route", "show", "table", "133"); !strings.Contains(routes, "local default dev lo") {
+		t.Errorf("want the local route in table 133, got:\n%s", routes)
+	}
 	if err := Remove(path); err != nil {
 		t.Fatal(err)
 	}
 	if ok, err := Installed(path); err != nil || ok {
 		t.Fatalf("after remove: installed %v %v", ok, err)
 	}
+	if ok, err := RoutingInstalled(path); err != nil || ok {
+		t.Fatalf("after remove: policy routing installed %v %v", ok, err)
+	}
+	if routes := ipOut(t, name, "-4", "route", "show", "table", "all"); strings.Contains(routes, "table 133") {
+		t.Errorf("after remove: table 133 still has routes:\n%s", routes)
+	}
+}
+
+// TestTransparentReturnPath checks the kernel behaviour the return path
+// relies on, in real namespaces joined by a veth: ztunnel's transparent
+// dial from the client's address reaches the app in the pod, the app sees
+// the client's address, and its replies come back to ztunnel's socket
+// instead of leaving through the veth (the client namespace would answer
+// them with a RST and the dial would fail).
+func TestTransparentReturnPath(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make network namespaces")
+	}
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Skip("nft not installed: run make deps")
+	}
+	suffix := fmt.Sprintf("%d-%d", os.Getpid(), time.Now().UnixNano()%100000)
+	pod, client := "ambit-nft-pod-"+suffix, "ambit-nft-cli-"+suffix
+	sh := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	for _, ns := range []string{pod, client} {
+		sh("ip", "netns", "add", ns)
+		t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", ns).Run() })
+		sh("ip", "-n", ns, "link", "set", "lo", "up")
+	}
+	sh("ip", "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", client)
+	sh("ip", "-n", pod, "addr", "add", "10.99.0.1/24", "dev", "eth0")
+	sh("ip", "-n", client, "addr", "add", "10.99.0.2/24", "dev", "eth0")
+	sh("ip", "-n", pod, "link", "set", "eth0", "up")
+	sh("ip", "-n", client, "link", "set", "eth0", "up")
+	path := "/run/netns/" + pod
+	if err := Apply(path, nil); err != nil {
+		t.Fatal(err)
+	}
+	ns, err := inpod.OpenNetNS(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = ns.Close() }()
+	app, err := ns.Listen(context.Background(), "10.99.0.1:8080")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = app.Close() }()
+	peer := make(chan string, 1)
+	go func() {
+		c, err := app.Accept()
+		if err != nil {
+			peer <- err.Error()
+			return
+		}
+		defer func() { _ = c.Close() }()
+		peer <- c.RemoteAddr().(*net.TCPAddr).IP.String()
+		_, _ = c.Write([]byte("hi"))
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := ns.TransparentDialer(netip.MustParseAddr("10.99.0.2"))(ctx, "tcp", "10.99.0.1:8080")
+	if err != nil {
+		t.Fatalf("transparent dial: %v", err)
+	}
+	defer func() { _ = c.Close() }()
+	if got := <-peer; got != "10.99.0.2" {
+		t.Errorf("app saw peer %s, want the client 10.99.0.2", got)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 2)
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "hi" {
+		t.Errorf("reading the app's reply: %q %v", buf, err)
+	}
+}
+
+func ipOut(t *testing.T, netns string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command("ip", append([]string{"-n", netns}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
 }

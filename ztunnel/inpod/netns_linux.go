@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"runtime"
 	"syscall"
@@ -16,6 +17,14 @@ import (
 // rules inside a pod's network namespace let them through instead of
 // redirecting them to ztunnel again (Istio uses the same value).
 const Mark = 0x539
+
+// InboundMark is the SO_MARK on ztunnel's transparent sockets to the app in
+// the pod (TransparentDialer). The capture rules (cni/nft) let them through,
+// copy the mark into the connection's ct mark, and route the app's replies,
+// which are addressed to the client, back to ztunnel. Istio's in-pod mode
+// uses the same value; it differs from Mark so that ztunnel's outbound
+// sockets are not caught by that return path.
+const InboundMark = 0x111
 
 // NetNS is a network namespace held open by a file descriptor (the one the
 // node agent passed over ZDS). Sockets belong to the namespace of the thread
@@ -103,6 +112,40 @@ func (n *NetNS) Dialer() func(ctx context.Context, network, addr string) (net.Co
 		err := n.Do(func() error {
 			var err error
 			c, err = MarkedDialer().DialContext(ctx, network, addr)
+			return err
+		})
+		return c, err
+	}
+}
+
+// TransparentDialer returns a dial function whose sockets are created inside
+// the namespace with IP_TRANSPARENT and InboundMark, bound to src (port 0),
+// so that the app sees src, the real client, as the peer. A zero or
+// non-IPv4 src falls back to Dialer: the return path is IPv4 only.
+func (n *NetNS) TransparentDialer(src netip.Addr) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	if !src.IsValid() || !src.Unmap().Is4() {
+		return n.Dialer()
+	}
+	d := &net.Dialer{
+		LocalAddr: &net.TCPAddr{IP: src.Unmap().AsSlice()},
+		Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				// IP_TRANSPARENT lets the socket bind to an address
+				// that is not local (ip(7)); it must be set before bind.
+				serr = errors.Join(
+					unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1),
+					unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, InboundMark))
+			})
+			return errors.Join(err, serr)
+		},
+	}
+	d.SetMultipathTCP(false)
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var c net.Conn
+		err := n.Do(func() error {
+			var err error
+			c, err = d.DialContext(ctx, network, addr)
 			return err
 		})
 		return c, err

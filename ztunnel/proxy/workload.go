@@ -304,7 +304,9 @@ func (w *workloadProxy) ServeHBONE(ctx context.Context, req *hbone.Request, rw h
 		return
 	}
 	t := w.p.opts.Metrics.Open(w.log, ci)
-	app, err := w.dial(ctx, "tcp", target.String())
+	// The app sees the client pod as the peer, as without the mesh: in
+	// in-pod mode the HBONE connection comes from the source pod's IP.
+	app, err := w.netns.TransparentDialer(remote.Addr())(ctx, "tcp", target.String())
 	if err != nil {
 		_ = rw.Reject(http.StatusServiceUnavailable)
 		ci.ResponseFlag = "UF"
@@ -350,7 +352,7 @@ func (w *workloadProxy) plaintext(c net.Conn) {
 		return
 	}
 	t := w.p.opts.Metrics.Open(w.log, ci)
-	app, err := w.dial(w.ctx, "tcp", dst.String())
+	app, err := w.netns.TransparentDialer(remote.Addr())(w.ctx, "tcp", dst.String())
 	if err != nil {
 		ci.ResponseFlag = "UF"
 		t.Close(0, 0, fmt.Errorf("connecting to the app at %s: %w", dst, err))

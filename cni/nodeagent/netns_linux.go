@@ -61,7 +61,7 @@ func netnsHasAddr(path string, ip netip.Addr) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	defer h.Close()
+	defer func() { _ = h.Close() }() // a namespace handle we only read through
 	nl, err := netlink.NewHandleAt(h)
 	if err != nil {
 		return false, err

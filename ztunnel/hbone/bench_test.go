@@ -52,13 +52,13 @@ func TestZeroAllocs(t *testing.T) {
 	defer close(done)
 	e := newEnv(t, acceptStream(streams, done))
 	client := e.connect(t, "10.0.0.1:80")
-	defer client.Close()
+	defer func() { _ = client.Close() }()
 	server := <-streams
 	// A second stream is proxied to a TCP connection, as ztunnel's are.
 	proxied := e.connect(t, "10.0.0.1:80")
-	defer proxied.Close()
+	defer func() { _ = proxied.Close() }()
 	tcpIn, tcpOut := tcpConnPair(t)
-	go Proxy(<-streams, tcpIn)
+	go func(s Stream) { _, _, _ = Proxy(s, tcpIn) }(<-streams) // the bench checks the bytes, not the result
 	wbuf, rbuf := make([]byte, 1<<20), make([]byte, 1<<20)
 	tests := []struct {
 		name string
@@ -129,7 +129,7 @@ func tcpConnPair(t testing.TB) (a, b net.Conn) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		c, _ := ln.Accept()
@@ -140,7 +140,7 @@ func tcpConnPair(t testing.TB) (a, b net.Conn) {
 		t.Fatal(err)
 	}
 	b = <-accepted
-	t.Cleanup(func() { a.Close(); b.Close() })
+	t.Cleanup(func() { _ = a.Close(); _ = b.Close() })
 	return a, b
 }
 
@@ -303,7 +303,7 @@ func hbonePair(b *testing.B) (client, server Stream) {
 	b.Cleanup(func() { close(done) })
 	e := newEnv(b, acceptStream(streams, done))
 	client = e.connect(b, "10.0.0.1:80")
-	b.Cleanup(func() { client.Close() })
+	b.Cleanup(func() { _ = client.Close() })
 	return client, <-streams
 }
 
@@ -324,11 +324,11 @@ func tunnelPair(b *testing.B) (client *net.TCPConn, server net.Conn) {
 	e := newEnv(b, HandlerFunc(func(ctx context.Context, req *Request, rw Responder) {
 		dst, err := net.Dial("tcp", req.Authority)
 		if err != nil {
-			rw.Reject(503)
+			_ = rw.Reject(503)
 			return
 		}
 		if s, err := rw.Accept(); err == nil {
-			Proxy(s, dst)
+			_, _, _ = Proxy(s, dst)
 		}
 	}))
 	front, err := net.Listen("tcp", "127.0.0.1:0")
@@ -343,22 +343,22 @@ func tunnelPair(b *testing.B) (client *net.TCPConn, server net.Conn) {
 		}
 		s, err := e.pool.Connect(context.Background(), e.key, backend.Addr().String(), nil)
 		if err != nil {
-			c.Close()
+			_ = c.Close()
 			return
 		}
-		Proxy(c, s)
+		_, _, _ = Proxy(c, s)
 	})
 	c, err := net.Dial("tcp", front.Addr().String())
 	if err != nil {
 		b.Fatal(err)
 	}
 	server = <-accepted
-	backend.Close()
-	front.Close()
+	_ = backend.Close()
+	_ = front.Close()
 	// Cleanups run last-in first-out: close the ends, then let the
 	// proxies finish before the engine goes.
 	b.Cleanup(wg.Wait)
-	b.Cleanup(func() { c.Close(); server.Close() })
+	b.Cleanup(func() { _ = c.Close(); _ = server.Close() })
 	return c.(*net.TCPConn), server
 }
 
@@ -379,7 +379,7 @@ func benchThroughput(b *testing.B, client halfCloser, server net.Conn) {
 			b.Fatal(err)
 		}
 	}
-	client.CloseWrite()
+	_ = client.CloseWrite()
 	if n := <-got; n < int64(b.N)*int64(len(buf)) {
 		b.Fatalf("sink got %d bytes, want %d", n, b.N*len(buf))
 	}
@@ -449,11 +449,11 @@ func BenchmarkConnect(b *testing.B) {
 				if err != nil {
 					return
 				}
-				c.Close()
+				_ = c.Close()
 			}
 		})
 		defer wg.Wait()
-		defer ln.Close()
+		defer func() { _ = ln.Close() }()
 		b.ReportAllocs()
 		b.ResetTimer()
 		for b.Loop() {
@@ -461,17 +461,17 @@ func BenchmarkConnect(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			c.Close()
+			_ = c.Close()
 		}
 	})
 	b.Run("hbone", func(b *testing.B) {
 		h := HandlerFunc(func(ctx context.Context, req *Request, rw Responder) {
 			if s, err := rw.Accept(); err == nil {
-				io.Copy(io.Discard, s)
+				_, _ = io.Copy(io.Discard, s)
 			}
 		})
 		e := newEnv(b, h)
-		e.connect(b, "10.0.0.1:80").Close() // dial the pooled connection
+		_ = e.connect(b, "10.0.0.1:80").Close() // dial the pooled connection
 		ctx := context.Background()
 		b.ReportAllocs()
 		b.ResetTimer()
@@ -480,7 +480,7 @@ func BenchmarkConnect(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			s.Close()
+			_ = s.Close()
 		}
 	})
 }

@@ -205,8 +205,8 @@ func (c *conn) readLoop() {
 	if errors.As(err, &he) {
 		c.log.Debug("hbone: connection error", "peer", c.raw.RemoteAddr(), "error", err)
 		c.goAway(he.code, he.reason)
-		c.raw.SetWriteDeadline(time.Now().Add(closeTimeout))
-		c.w.flush()
+		_ = c.raw.SetWriteDeadline(time.Now().Add(closeTimeout)) // best effort: the connection is failing anyway
+		_ = c.w.flush()                                          // best effort: the connection is failing anyway
 	}
 	c.fail(err)
 }
@@ -423,7 +423,7 @@ func (c *conn) readPing(fh http2.FrameHeader) error {
 	var data [8]byte
 	copy(data[:], p)
 	c.wmu.Lock()
-	c.fr.WritePing(true, data)
+	_ = c.fr.WritePing(true, data) // queued: a write error is sticky in c.w and surfaces on the next flush
 	c.wmu.Unlock()
 	return nil
 }
@@ -520,7 +520,7 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 	if v, ok := f.Value(http2.SettingHeaderTableSize); ok {
 		c.henc.SetMaxDynamicTableSizeLimit(v)
 	}
-	c.fr.WriteSettingsAck()
+	_ = c.fr.WriteSettingsAck() // queued: a write error is sticky in c.w and surfaces on the next flush
 	c.wmu.Unlock()
 	return nil
 }
@@ -582,14 +582,14 @@ func (c *conn) goAway(code http2.ErrCode, reason string) {
 	c.draining = true
 	c.mu.Unlock()
 	c.wmu.Lock()
-	c.fr.WriteGoAway(last, code, []byte(reason))
+	_ = c.fr.WriteGoAway(last, code, []byte(reason)) // queued: a write error is sticky in c.w and surfaces on the next flush
 	c.wmu.Unlock()
 }
 
 // closeGracefully writes out what is queued, then closes.
 func (c *conn) closeGracefully() {
-	c.raw.SetWriteDeadline(time.Now().Add(closeTimeout))
-	c.w.flush()
+	_ = c.raw.SetWriteDeadline(time.Now().Add(closeTimeout)) // best effort: the connection is closing anyway
+	_ = c.w.flush()                                          // best effort: the connection is closing anyway
 	c.fail(net.ErrClosed)
 }
 
@@ -721,10 +721,10 @@ func (c *conn) credit(n int64, s *stream, sinc uint32) {
 	}
 	c.wmu.Lock()
 	if cinc > 0 {
-		c.fr.WriteWindowUpdate(0, uint32(cinc))
+		_ = c.fr.WriteWindowUpdate(0, uint32(cinc)) // queued: a write error is sticky in c.w and surfaces on the next flush
 	}
 	if sinc > 0 {
-		c.fr.WriteWindowUpdate(s.id, sinc)
+		_ = c.fr.WriteWindowUpdate(s.id, sinc) // queued: a write error is sticky in c.w and surfaces on the next flush
 	}
 	c.wmu.Unlock()
 }
@@ -808,7 +808,7 @@ func (c *conn) writeFramed(id uint32, b []byte) error {
 // writeReset queues RST_STREAM without blocking.
 func (c *conn) writeReset(id uint32, code http2.ErrCode) {
 	c.wmu.Lock()
-	c.fr.WriteRSTStream(id, code)
+	_ = c.fr.WriteRSTStream(id, code) // queued: a write error is sticky in c.w and surfaces on the next flush
 	c.wmu.Unlock()
 }
 
@@ -818,10 +818,10 @@ func (c *conn) writeEnd(id uint32, end bool, rst http2.ErrCode, sendRST bool) {
 	c.wmu.Lock()
 	if end {
 		putFrameHeader(c.ctl[:], 0, http2.FrameData, http2.FlagDataEndStream, id)
-		c.tc.Write(c.ctl[:])
+		_, _ = c.tc.Write(c.ctl[:]) // queued: a write error is sticky in c.w and surfaces on the next flush
 	}
 	if sendRST {
-		c.fr.WriteRSTStream(id, rst)
+		_ = c.fr.WriteRSTStream(id, rst) // queued: a write error is sticky in c.w and surfaces on the next flush
 	}
 	c.wmu.Unlock()
 }
@@ -858,7 +858,7 @@ func (c *conn) writeStatus(id uint32, code int, end bool) error {
 	}
 	c.wmu.Lock()
 	c.hbuf.Reset()
-	c.henc.WriteField(hpack.HeaderField{Name: ":status", Value: statusText(code)})
+	_ = c.henc.WriteField(hpack.HeaderField{Name: ":status", Value: statusText(code)}) // writes to c.hbuf, a bytes.Buffer: cannot fail
 	err := c.writeHeadersLocked(id, c.hbuf.Bytes(), end)
 	c.wmu.Unlock()
 	if ferr := c.w.end(); err == nil {
@@ -918,7 +918,7 @@ func (c *conn) connect(ctx context.Context, target string, h http.Header) (*stre
 		drained := c.idleLocked()
 		c.mu.Unlock()
 		c.wmu.Unlock()
-		c.w.end()
+		_ = c.w.end() // errUnprocessed below is the error that matters
 		c.afterRemove(drained)
 		return nil, fmt.Errorf("%w (connection draining)", errUnprocessed)
 	}
@@ -928,15 +928,15 @@ func (c *conn) connect(ctx context.Context, target string, h http.Header) (*stre
 	c.mu.Unlock()
 
 	c.hbuf.Reset()
-	c.henc.WriteField(hpack.HeaderField{Name: ":method", Value: http.MethodConnect})
-	c.henc.WriteField(hpack.HeaderField{Name: ":authority", Value: target})
+	_ = c.henc.WriteField(hpack.HeaderField{Name: ":method", Value: http.MethodConnect}) // writes to c.hbuf, a bytes.Buffer: cannot fail
+	_ = c.henc.WriteField(hpack.HeaderField{Name: ":authority", Value: target})          // writes to c.hbuf, a bytes.Buffer: cannot fail
 	for k, vs := range h {
 		name := strings.ToLower(k)
 		if skipHeader(name) {
 			continue
 		}
 		for _, v := range vs {
-			c.henc.WriteField(hpack.HeaderField{Name: name, Value: v})
+			_ = c.henc.WriteField(hpack.HeaderField{Name: name, Value: v}) // writes to c.hbuf, a bytes.Buffer: cannot fail
 		}
 	}
 	err := c.writeHeadersLocked(s.id, c.hbuf.Bytes(), false)
@@ -959,11 +959,11 @@ func (c *conn) connect(ctx context.Context, target string, h http.Header) (*stre
 	status, rerr := s.status, s.respErr
 	s.mu.Unlock()
 	if rerr != nil {
-		s.Close()
+		_ = s.Close() // rerr is the error that matters
 		return nil, rerr
 	}
 	if status != http.StatusOK {
-		s.Close()
+		_ = s.Close() // the status is the error that matters
 		return nil, &StatusError{Code: status}
 	}
 	return s, nil
@@ -1133,12 +1133,12 @@ func (c *conn) rejectMalformed(id uint32, ended bool, reason string) {
 	c.log.Info("hbone: rejecting malformed request", "peer", c.raw.RemoteAddr(), "stream", id, "status", http.StatusBadRequest, "reason", reason)
 	c.wmu.Lock()
 	c.hbuf.Reset()
-	c.henc.WriteField(hpack.HeaderField{Name: ":status", Value: "400"})
-	c.writeHeadersLocked(id, c.hbuf.Bytes(), true)
+	_ = c.henc.WriteField(hpack.HeaderField{Name: ":status", Value: "400"}) // writes to c.hbuf, a bytes.Buffer: cannot fail
+	_ = c.writeHeadersLocked(id, c.hbuf.Bytes(), true)                      // queued: a write error is sticky in c.w and surfaces on the next flush
 	if !ended {
 		// RFC 9113 section 8.1: the response is complete; ask the client
 		// to stop sending without an error.
-		c.fr.WriteRSTStream(id, http2.ErrCodeNo)
+		_ = c.fr.WriteRSTStream(id, http2.ErrCodeNo) // queued: a write error is sticky in c.w and surfaces on the next flush
 	}
 	c.wmu.Unlock()
 }

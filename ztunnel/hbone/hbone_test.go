@@ -23,7 +23,7 @@ func TestEcho(t *testing.T) {
 	checkLeaks(t)
 	e := newEnv(t, echoHandler)
 	s := e.connect(t, "10.0.0.1:80")
-	defer s.Close()
+	defer func() { _ = s.Close() }()
 	if _, err := s.Write([]byte("hello")); err != nil {
 		t.Fatal(err)
 	}
@@ -55,8 +55,8 @@ func TestHalfClose(t *testing.T) {
 		if err != nil {
 			return
 		}
-		fmt.Fprintf(s, "got %d bytes", len(req2))
-		s.CloseWrite()
+		_, _ = fmt.Fprintf(s, "got %d bytes", len(req2))
+		_ = s.CloseWrite()
 	})
 	// The server says its piece and half-closes first, then reads until the
 	// client ends and answers with the count... on a closed direction: so it
@@ -67,16 +67,16 @@ func TestHalfClose(t *testing.T) {
 		if err != nil {
 			return
 		}
-		s.Write([]byte("banner"))
-		s.CloseWrite()
+		_, _ = s.Write([]byte("banner"))
+		_ = s.CloseWrite()
 		b, _ := io.ReadAll(s)
 		serverRead.Store(string(b))
 	})
 	t.Run("client closes first", func(t *testing.T) {
 		e := newEnv(t, answerAfterEOF)
 		s := e.connect(t, "10.0.0.1:80")
-		defer s.Close()
-		s.Write(bytes.Repeat([]byte("a"), 100000))
+		defer func() { _ = s.Close() }()
+		_, _ = s.Write(bytes.Repeat([]byte("a"), 100000))
 		if err := s.CloseWrite(); err != nil {
 			t.Fatal(err)
 		}
@@ -88,7 +88,7 @@ func TestHalfClose(t *testing.T) {
 	t.Run("server closes first", func(t *testing.T) {
 		e := newEnv(t, speakFirst)
 		s := e.connect(t, "10.0.0.1:80")
-		defer s.Close()
+		defer func() { _ = s.Close() }()
 		got, err := io.ReadAll(s)
 		if err != nil || string(got) != "banner" {
 			t.Fatalf("got %q, %v", got, err)
@@ -96,7 +96,7 @@ func TestHalfClose(t *testing.T) {
 		if _, err := s.Write([]byte("still here")); err != nil {
 			t.Fatalf("writing after the server's half-close: %v", err)
 		}
-		s.CloseWrite()
+		_ = s.CloseWrite()
 		waitFor(t, "the server to read", func() bool { v, _ := serverRead.Load().(string); return v == "still here" })
 	})
 }
@@ -107,10 +107,10 @@ func TestPoolReuse(t *testing.T) {
 		e := newEnv(t, echoHandler)
 		for i := range 20 {
 			s := e.connect(t, "10.0.0.1:80")
-			fmt.Fprintf(s, "%d", i)
-			s.CloseWrite()
-			io.ReadAll(s)
-			s.Close()
+			_, _ = fmt.Fprintf(s, "%d", i)
+			_ = s.CloseWrite()
+			_, _ = io.ReadAll(s)
+			_ = s.Close()
 		}
 		if n := e.ln.n.Load(); n != 1 {
 			t.Fatalf("%d TCP connections for 20 sequential streams, want 1", n)
@@ -128,12 +128,12 @@ func TestPoolReuse(t *testing.T) {
 					errs <- err
 					return
 				}
-				defer s.Close()
+				defer func() { _ = s.Close() }()
 				msg := fmt.Sprintf("stream %d", i)
-				io.WriteString(s, msg)
-				s.CloseWrite()
+				_, _ = io.WriteString(s, msg)
+				_ = s.CloseWrite()
 				if got, err := io.ReadAll(s); err != nil || string(got) != msg {
-					errs <- fmt.Errorf("echo %q: got %q, %v", msg, got, err)
+					errs <- fmt.Errorf("echo %q: got %q, %v", msg, got, err) //nolint:errorlint // err may be nil here: printed, not wrapped
 				}
 			})
 		}
@@ -158,7 +158,7 @@ func TestPoolReuse(t *testing.T) {
 			streams = append(streams, s)
 		}
 		for _, s := range streams {
-			s.Close()
+			_ = s.Close()
 		}
 		if got := e.ln.n.Load(); got != 2 {
 			t.Fatalf("%d TCP connections for 2 keys, want 2", got)
@@ -171,7 +171,7 @@ func TestPoolReuse(t *testing.T) {
 			streams = append(streams, e.connect(t, "10.0.0.1:80"))
 		}
 		for _, s := range streams {
-			s.Close()
+			_ = s.Close()
 		}
 		if got := e.ln.n.Load(); got != 3 {
 			t.Fatalf("%d TCP connections for 5 streams at 2 per connection, want 3", got)
@@ -186,7 +186,7 @@ func TestPoolReuse(t *testing.T) {
 			streams = append(streams, e.connect(t, "10.0.0.1:80"))
 		}
 		for _, s := range streams {
-			s.Close()
+			_ = s.Close()
 		}
 		if got := e.ln.n.Load(); got != 3 {
 			t.Fatalf("%d TCP connections for 7 streams at 3 per connection, want 3", got)
@@ -202,11 +202,11 @@ func TestStatusCodes(t *testing.T) {
 		if code == http.StatusOK {
 			s, err := rw.Accept()
 			if err == nil {
-				s.Write([]byte("ok"))
+				_, _ = s.Write([]byte("ok"))
 			}
 			return
 		}
-		rw.Reject(code)
+		_ = rw.Reject(code)
 	})
 	e := newEnv(t, h)
 	tests := []struct {
@@ -226,7 +226,7 @@ func TestStatusCodes(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				defer s.Close()
+				defer func() { _ = s.Close() }()
 				if b, err := io.ReadAll(s); err != nil || string(b) != "ok" {
 					t.Fatalf("read %q, %v", b, err)
 				}
@@ -240,7 +240,7 @@ func TestStatusCodes(t *testing.T) {
 	}
 	// The rejected streams left the connection usable.
 	s := e.connect(t, "10.0.0.1:200")
-	s.Close()
+	_ = s.Close()
 	if got := e.ln.n.Load(); got != 1 {
 		t.Fatalf("%d connections, want 1", got)
 	}
@@ -251,7 +251,7 @@ func TestHeadersAndPeerCertificate(t *testing.T) {
 	got := make(chan *Request, 1)
 	h := HandlerFunc(func(ctx context.Context, req *Request, rw Responder) {
 		got <- req
-		rw.Reject(http.StatusServiceUnavailable)
+		_ = rw.Reject(http.StatusServiceUnavailable)
 	})
 	e := newEnv(t, h)
 	hdr := http.Header{"Forwarded": {`for="10.0.0.9:4242"`}, "Baggage": {"k8s.namespace.name=default"}}
@@ -283,7 +283,7 @@ func TestLargeTransfer(t *testing.T) {
 	}
 	e := newEnv(t, echoHandler)
 	s := e.connect(t, "10.0.0.1:80")
-	defer s.Close()
+	defer func() { _ = s.Close() }()
 	src := rand.New(rand.NewPCG(1, 2))
 	sent := sha256.New()
 	writeErr := make(chan error, 1)
@@ -334,8 +334,8 @@ func TestSlowReader(t *testing.T) {
 				}
 			}
 		}
-		io.Copy(s, s)
-		s.CloseWrite()
+		_, _ = io.Copy(s, s)
+		_ = s.CloseWrite()
 	})
 	e := newEnv(t, h)
 	hose := e.connect(t, "10.0.0.1:1")
@@ -357,19 +357,19 @@ func TestSlowReader(t *testing.T) {
 	}
 	// Other streams on the same connection are not held up by it.
 	s := e.connect(t, "10.0.0.1:2")
-	io.WriteString(s, "ping")
-	s.CloseWrite()
+	_, _ = io.WriteString(s, "ping")
+	_ = s.CloseWrite()
 	if b, err := io.ReadAll(s); err != nil || string(b) != "ping" {
 		t.Fatalf("second stream: %q, %v", b, err)
 	}
-	s.Close()
+	_ = s.Close()
 	// Reading on drains the hose at full speed again.
 	for range 64 {
 		if _, err := io.ReadFull(hose, buf); err != nil {
 			t.Fatal(err)
 		}
 	}
-	hose.Close()
+	_ = hose.Close()
 	if got := e.ln.n.Load(); got != 1 {
 		t.Fatalf("%d connections, want 1", got)
 	}
@@ -388,12 +388,12 @@ func TestShutdown(t *testing.T) {
 		defer cancel()
 		s2, err := e.pool.Connect(ctx, e.key, "10.0.0.1:80", nil)
 		if err == nil {
-			s2.Close()
+			_ = s2.Close()
 		}
 		return err != nil
 	})
 	// The open stream still works, and Shutdown waits for it.
-	io.WriteString(s, "still open")
+	_, _ = io.WriteString(s, "still open")
 	b := make([]byte, len("still open"))
 	if _, err := io.ReadFull(s, b); err != nil || string(b) != "still open" {
 		t.Fatalf("open stream during shutdown: %q, %v", b, err)
@@ -403,21 +403,21 @@ func TestShutdown(t *testing.T) {
 		t.Fatalf("Shutdown returned %v before the last stream ended", err)
 	case <-time.After(50 * time.Millisecond):
 	}
-	s.CloseWrite()
+	_ = s.CloseWrite()
 	if rest, err := io.ReadAll(s); err != nil || len(rest) != 0 {
 		t.Fatalf("end of stream during shutdown: %q, %v", rest, err)
 	}
 	if err := <-done; err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
-	s.Close()
+	_ = s.Close()
 }
 
 func TestShutdownTimeout(t *testing.T) {
 	checkLeaks(t)
 	e := newEnv(t, echoHandler)
 	s := e.connect(t, "10.0.0.1:80")
-	defer s.Close()
+	defer func() { _ = s.Close() }()
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	if err := e.srv.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
@@ -445,7 +445,7 @@ func TestGoAway(t *testing.T) {
 	current.Store(first)
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	wg.Go(func() {
 		for {
 			c, err := ln.Accept()
@@ -455,7 +455,7 @@ func TestGoAway(t *testing.T) {
 			select {
 			case current.Load().conns <- c:
 			case <-current.Load().done:
-				c.Close()
+				_ = c.Close()
 			}
 		}
 	})
@@ -464,11 +464,11 @@ func TestGoAway(t *testing.T) {
 		newAcceptor(ServerOptions{TLSConfig: p.serverTLS(serverID), Handler: echoHandler}),
 	}
 	for i, cl := range []*chanListener{first, second} {
-		wg.Go(func() { servers[i].Serve(cl) })
-		defer servers[i].Close()
+		wg.Go(func() { _ = servers[i].Serve(cl) })
+		defer func() { _ = servers[i].Close() }() //nolint:gocritic // both servers run until the test ends
 	}
 	pool := newConnector(PoolOptions{TLSConfig: func(k Key) (*tls.Config, error) { return p.clientTLS(k.SrcIdentity, k.DstIdentity), nil }})
-	defer pool.Close()
+	defer func() { _ = pool.Close() }()
 	k := Key{SrcIdentity: clientID, DstIdentity: serverID, Addr: netip.MustParseAddrPort(l.Addr().String())}
 	connect := func() Stream {
 		s, err := pool.Connect(context.Background(), k, "10.0.0.1:80", nil)
@@ -479,20 +479,20 @@ func TestGoAway(t *testing.T) {
 	}
 
 	s := connect()
-	defer s.Close()
+	defer func() { _ = s.Close() }()
 	current.Store(second)
 	shutdown := make(chan error, 1)
 	go func() { shutdown <- servers[0].Shutdown(context.Background()) }()
 	// Whether the pool has seen the GOAWAY yet or the draining server
 	// refuses the stream, the new stream lands on a new connection.
 	s2 := connect()
-	defer s2.Close()
+	defer func() { _ = s2.Close() }()
 	if got := ln.n.Load(); got != 2 {
 		t.Fatalf("%d connections, want a second one after GOAWAY", got)
 	}
 	for _, st := range []Stream{s, s2} {
-		io.WriteString(st, "x")
-		st.CloseWrite()
+		_, _ = io.WriteString(st, "x")
+		_ = st.CloseWrite()
 		if b, err := io.ReadAll(st); err != nil || string(b) != "x" {
 			t.Fatalf("echo: %q, %v", b, err)
 		}
@@ -501,7 +501,7 @@ func TestGoAway(t *testing.T) {
 		t.Fatalf("Shutdown: %v", err)
 	}
 	s3 := connect() // reuses the second connection
-	s3.Close()
+	_ = s3.Close()
 	if got := ln.n.Load(); got != 2 {
 		t.Fatalf("%d connections, want 2", got)
 	}
@@ -517,7 +517,7 @@ func TestConnectionError(t *testing.T) {
 		streams = append(streams, e.connect(t, "10.0.0.1:80"))
 	}
 	for _, c := range e.ln.accepted() {
-		c.Conn.Close() // under the server's feet
+		_ = c.Conn.Close() // under the server's feet
 	}
 	for _, s := range streams {
 		if _, err := io.ReadAll(s); err == nil {
@@ -526,10 +526,10 @@ func TestConnectionError(t *testing.T) {
 		if _, err := s.Write([]byte("x")); err == nil {
 			t.Fatal("write on a dead connection succeeded")
 		}
-		s.Close()
+		_ = s.Close()
 	}
 	s := e.connect(t, "10.0.0.1:80")
-	s.Close()
+	_ = s.Close()
 	if got := e.ln.n.Load(); got != 2 {
 		t.Fatalf("%d connections, want 2", got)
 	}
@@ -557,7 +557,7 @@ func TestHandlerContextAndReset(t *testing.T) {
 	})
 	e := newEnv(t, h)
 	s := e.connect(t, "10.0.0.1:80")
-	s.Close() // the server has not ended its side: this resets the stream
+	_ = s.Close() // the server has not ended its side: this resets the stream
 	select {
 	case <-cancelled:
 	case <-time.After(5 * time.Second):
@@ -571,14 +571,14 @@ func TestIdleTimeout(t *testing.T) {
 	s := e.connect(t, "10.0.0.1:80")
 	time.Sleep(100 * time.Millisecond) // an open stream keeps the connection
 	s2 := e.connect(t, "10.0.0.1:80")
-	s.Close()
-	s2.Close()
+	_ = s.Close()
+	_ = s2.Close()
 	select {
 	case <-e.ln.accepted()[0].closed:
 	case <-time.After(5 * time.Second):
 		t.Fatal("idle connection not closed")
 	}
-	e.connect(t, "10.0.0.1:80").Close()
+	_ = e.connect(t, "10.0.0.1:80").Close()
 	if got := e.ln.n.Load(); got != 2 {
 		t.Fatalf("%d connections, want a second one after the idle timeout", got)
 	}
@@ -591,18 +591,18 @@ func TestDeadlines(t *testing.T) {
 		if err != nil {
 			return
 		}
-		io.Copy(io.Discard, s) // reads but never writes
+		_, _ = io.Copy(io.Discard, s) // reads but never writes
 	})
 	e := newEnv(t, h)
 	s := e.connect(t, "10.0.0.1:80")
-	defer s.Close()
-	s.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+	defer func() { _ = s.Close() }()
+	_ = s.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
 	_, err := s.Read(make([]byte, 10))
 	var ne net.Error
 	if !errors.As(err, &ne) || !ne.Timeout() {
 		t.Fatalf("Read: %v, want a timeout", err)
 	}
-	s.SetReadDeadline(time.Time{})
+	_ = s.SetReadDeadline(time.Time{})
 	if _, err := s.Write([]byte("x")); err != nil {
 		t.Fatal(err)
 	}
@@ -612,13 +612,13 @@ func TestDeadlines(t *testing.T) {
 	stalled := make(chan Stream, 1)
 	e2 := newEnv(t, acceptStream(stalled, nil))
 	w := e2.connect(t, "10.0.0.1:80")
-	defer w.Close()
-	w.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+	defer func() { _ = w.Close() }()
+	_ = w.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
 	n, err := w.Write(make([]byte, 2*streamWindow))
 	if !errors.As(err, &ne) || !ne.Timeout() || n != streamWindow {
 		t.Fatalf("Write to a stalled peer: %d bytes, %v; want %d bytes and a timeout", n, err, streamWindow)
 	}
-	(<-stalled).Close()
+	_ = (<-stalled).Close()
 }
 
 func TestProxy(t *testing.T) {
@@ -629,7 +629,7 @@ func TestProxy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer backend.Close()
+	defer func() { _ = backend.Close() }()
 	go func() {
 		for {
 			c, err := backend.Accept()
@@ -637,10 +637,10 @@ func TestProxy(t *testing.T) {
 				return
 			}
 			go func() {
-				defer c.Close()
+				defer func() { _ = c.Close() }()
 				h := sha256.New()
 				n, _ := io.Copy(h, c)
-				fmt.Fprintf(c, "%d %x", n, h.Sum(nil))
+				_, _ = fmt.Fprintf(c, "%d %x", n, h.Sum(nil))
 			}()
 		}
 	}()
@@ -648,12 +648,12 @@ func TestProxy(t *testing.T) {
 	h := HandlerFunc(func(ctx context.Context, req *Request, rw Responder) {
 		dst, err := net.Dial("tcp", req.Authority)
 		if err != nil {
-			rw.Reject(http.StatusServiceUnavailable)
+			_ = rw.Reject(http.StatusServiceUnavailable)
 			return
 		}
 		s, err := rw.Accept()
 		if err != nil {
-			dst.Close()
+			_ = dst.Close()
 			return
 		}
 		in, out, err := Proxy(s, dst)
@@ -666,7 +666,7 @@ func TestProxy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer front.Close()
+	defer func() { _ = front.Close() }()
 	go func() {
 		c, err := front.Accept()
 		if err != nil {
@@ -674,21 +674,21 @@ func TestProxy(t *testing.T) {
 		}
 		s, err := e.pool.Connect(context.Background(), e.key, backend.Addr().String(), nil)
 		if err != nil {
-			c.Close()
+			_ = c.Close()
 			return
 		}
-		Proxy(c, s)
+		_, _, _ = Proxy(c, s)
 	}()
 	app, err := net.Dial("tcp", front.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer app.Close()
+	defer func() { _ = app.Close() }()
 	payload := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB
 	if _, err := app.Write(payload); err != nil {
 		t.Fatal(err)
 	}
-	app.(*net.TCPConn).CloseWrite()
+	_ = app.(*net.TCPConn).CloseWrite()
 	got, err := io.ReadAll(app)
 	if err != nil {
 		t.Fatal(err)
@@ -712,29 +712,29 @@ func TestProxyReset(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer backend.Close()
+	defer func() { _ = backend.Close() }()
 	go func() {
 		c, err := backend.Accept()
 		if err != nil {
 			return
 		}
-		c.Read(make([]byte, 1))
-		c.(*net.TCPConn).SetLinger(0)
-		c.Close()
+		_, _ = c.Read(make([]byte, 1))
+		_ = c.(*net.TCPConn).SetLinger(0)
+		_ = c.Close()
 	}()
 	h := HandlerFunc(func(ctx context.Context, req *Request, rw Responder) {
 		dst, err := net.Dial("tcp", req.Authority)
 		if err != nil {
-			rw.Reject(http.StatusServiceUnavailable)
+			_ = rw.Reject(http.StatusServiceUnavailable)
 			return
 		}
 		s, _ := rw.Accept()
-		Proxy(s, dst)
+		_, _, _ = Proxy(s, dst)
 	})
 	e := newEnv(t, h)
 	s := e.connect(t, backend.Addr().String())
-	defer s.Close()
-	s.Write([]byte("x"))
+	defer func() { _ = s.Close() }()
+	_, _ = s.Write([]byte("x"))
 	_, err = io.ReadAll(s)
 	var re *ResetError
 	if !errors.As(err, &re) || re.Code != 0xa || !re.Remote {
@@ -771,14 +771,14 @@ func TestProxySlowBackend(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer slow.Close()
+	defer func() { _ = slow.Close() }()
 	go func() {
 		c, err := slow.Accept()
 		if err != nil {
 			return
 		}
-		defer c.Close()
-		c.(*net.TCPConn).SetReadBuffer(32 << 10)
+		defer func() { _ = c.Close() }()
+		_ = c.(*net.TCPConn).SetReadBuffer(32 << 10)
 		h := sha256.New()
 		buf := make([]byte, 16<<10)
 		var n int64
@@ -799,34 +799,34 @@ func TestProxySlowBackend(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer echo.Close()
+	defer func() { _ = echo.Close() }()
 	go func() {
 		c, err := echo.Accept()
 		if err != nil {
 			return
 		}
-		defer c.Close()
-		io.Copy(c, c)
+		defer func() { _ = c.Close() }()
+		_, _ = io.Copy(c, c)
 	}()
 	h := HandlerFunc(func(ctx context.Context, req *Request, rw Responder) {
 		dst, err := net.Dial("tcp", req.Authority)
 		if err != nil {
-			rw.Reject(http.StatusServiceUnavailable)
+			_ = rw.Reject(http.StatusServiceUnavailable)
 			return
 		}
 		// Small socket buffers, so that the frame reader's non-blocking
 		// writes find the socket full.
-		dst.(*net.TCPConn).SetWriteBuffer(32 << 10)
+		_ = dst.(*net.TCPConn).SetWriteBuffer(32 << 10)
 		s, err := rw.Accept()
 		if err != nil {
-			dst.Close()
+			_ = dst.Close()
 			return
 		}
-		Proxy(s, dst)
+		_, _, _ = Proxy(s, dst)
 	})
 	e := newEnv(t, h)
 	s := e.connect(t, slow.Addr().String())
-	defer s.Close()
+	defer func() { _ = s.Close() }()
 	sent := sha256.New()
 	go func() {
 		src := rand.New(rand.NewPCG(3, 4))
@@ -840,17 +840,17 @@ func TestProxySlowBackend(t *testing.T) {
 				return
 			}
 		}
-		s.CloseWrite()
+		_ = s.CloseWrite()
 	}()
 	// Meanwhile, on the same connection:
 	time.Sleep(20 * time.Millisecond)
 	s2 := e.connect(t, echo.Addr().String())
-	io.WriteString(s2, "not held up")
+	_, _ = io.WriteString(s2, "not held up")
 	b := make([]byte, len("not held up"))
 	if _, err := io.ReadFull(s2, b); err != nil || string(b) != "not held up" {
 		t.Fatalf("second stream: %q, %v", b, err)
 	}
-	s2.Close()
+	_ = s2.Close()
 	select {
 	case r := <-results:
 		if r.n != size || !bytes.Equal(r.sum, sent.Sum(nil)) {
@@ -896,7 +896,7 @@ func TestPoolClose(t *testing.T) {
 	if _, err := io.ReadAll(s); err == nil {
 		t.Fatal("stream survived Pool.Close")
 	}
-	s.Close()
+	_ = s.Close()
 	if _, err := e.pool.Connect(context.Background(), e.key, "10.0.0.1:80", nil); !errors.Is(err, ErrPoolClosed) {
 		t.Fatalf("Connect after Close: %v, want ErrPoolClosed", err)
 	}
@@ -919,16 +919,16 @@ func TestManyStreams(t *testing.T) {
 				errs <- err
 				return
 			}
-			defer s.Close()
+			defer func() { _ = s.Close() }()
 			<-start // all open before any data flows
 			payload := bytes.Repeat([]byte{byte(i)}, size)
 			go func() {
-				s.Write(payload)
-				s.CloseWrite()
+				_, _ = s.Write(payload)
+				_ = s.CloseWrite()
 			}()
 			got, err := io.ReadAll(s)
 			if err != nil || !bytes.Equal(got, payload) {
-				errs <- fmt.Errorf("stream %d: %d bytes, %v", i, len(got), err)
+				errs <- fmt.Errorf("stream %d: %d bytes, %v", i, len(got), err) //nolint:errorlint // err may be nil here: printed, not wrapped
 			}
 		})
 	}

@@ -254,15 +254,15 @@ func newEnv(t testing.TB, h Handler, opts ...func(*envOptions)) *env {
 	served := make(chan struct{})
 	go func() {
 		defer close(served)
-		srv.Serve(ln)
+		_ = srv.Serve(ln)
 	}()
 	po := o.pool
 	po.TLSConfig = func(k Key) (*tls.Config, error) { return p.clientTLS(k.SrcIdentity, k.DstIdentity), nil }
 	po.Log = log
 	pool := newConnector(po)
 	t.Cleanup(func() {
-		pool.Close()
-		srv.Close()
+		_ = pool.Close()
+		_ = srv.Close()
 		<-served
 	})
 	addr := netip.MustParseAddrPort(ln.Addr().String())
@@ -307,7 +307,7 @@ var echoHandler = HandlerFunc(func(ctx context.Context, req *Request, rw Respond
 	if _, err := io.Copy(s, s); err != nil {
 		return
 	}
-	s.CloseWrite()
+	_ = s.CloseWrite()
 })
 
 // checkLeaks fails the test if goroutines started during it are still

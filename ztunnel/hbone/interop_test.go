@@ -37,8 +37,8 @@ func dialRaw(t *testing.T, e *env) *rawClient {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { tc.Close() })
-	tc.SetDeadline(time.Now().Add(10 * time.Second))
+	t.Cleanup(func() { _ = tc.Close() })
+	_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
 	c := &rawClient{t: t, tc: tc, fr: http2.NewFramer(tc, tc)}
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.enc = hpack.NewEncoder(&c.hbuf)
@@ -55,7 +55,7 @@ func dialRaw(t *testing.T, e *env) *rawClient {
 func (c *rawClient) request(id uint32, endStream bool, fields ...string) {
 	c.hbuf.Reset()
 	for i := 0; i < len(fields); i += 2 {
-		c.enc.WriteField(hpack.HeaderField{Name: fields[i], Value: fields[i+1]})
+		_ = c.enc.WriteField(hpack.HeaderField{Name: fields[i], Value: fields[i+1]})
 	}
 	if err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: c.hbuf.Bytes(), EndHeaders: true, EndStream: endStream}); err != nil {
 		c.t.Fatal(err)
@@ -73,7 +73,7 @@ func (c *rawClient) status(id uint32) string {
 		switch f := f.(type) {
 		case *http2.SettingsFrame:
 			if !f.IsAck() {
-				c.fr.WriteSettingsAck()
+				_ = c.fr.WriteSettingsAck()
 			}
 		case *http2.MetaHeadersFrame:
 			if f.StreamID == id {
@@ -125,7 +125,7 @@ func TestMalformedRequests(t *testing.T) {
 	if got := c.status(id); got != "200" {
 		t.Fatalf("valid CONNECT after the malformed ones: :status %s", got)
 	}
-	c.fr.WritePing(false, [8]byte{1, 2, 3})
+	_ = c.fr.WritePing(false, [8]byte{1, 2, 3})
 	for {
 		f, err := c.fr.ReadFrame()
 		if err != nil {
@@ -168,7 +168,7 @@ func TestFlowControlViolations(t *testing.T) {
 			switch f := f.(type) {
 			case *http2.SettingsFrame:
 				if !f.IsAck() {
-					c.fr.WriteSettingsAck()
+					_ = c.fr.WriteSettingsAck()
 				}
 			case *http2.RSTStreamFrame, *http2.GoAwayFrame:
 				return f
@@ -208,14 +208,14 @@ func TestXNetClient(t *testing.T) {
 	checkLeaks(t)
 	h := HandlerFunc(func(ctx context.Context, req *Request, rw Responder) {
 		if req.Target.Port() == 401 {
-			rw.Reject(http.StatusUnauthorized)
+			_ = rw.Reject(http.StatusUnauthorized)
 			return
 		}
 		echoHandler(ctx, req, rw)
 	})
 	e := newEnv(t, h)
-	tr := &http2.Transport{TLSClientConfig: e.pki.clientTLS(clientID, serverID)}
-	defer tr.CloseIdleConnections()
+	tr := &http2.Transport{TLSClientConfig: e.pki.clientTLS(clientID, serverID)} //nolint:staticcheck // x/net/http2 on purpose: an independent HTTP/2 peer
+	defer tr.CloseIdleConnections()                                              //nolint:staticcheck // x/net/http2 on purpose: an independent HTTP/2 peer
 	connect := func(target string, body io.Reader) (*http.Response, error) {
 		req := &http.Request{
 			Method: http.MethodConnect,
@@ -224,7 +224,7 @@ func TestXNetClient(t *testing.T) {
 			Header: http.Header{},
 			Body:   io.NopCloser(body),
 		}
-		return tr.RoundTrip(req)
+		return tr.RoundTrip(req) //nolint:staticcheck // x/net/http2 on purpose: an independent HTTP/2 peer
 	}
 
 	pr, pw := io.Pipe()
@@ -237,20 +237,20 @@ func TestXNetClient(t *testing.T) {
 	}
 	payload := bytes.Repeat([]byte("x/net interop "), 300000) // ~4 MiB: several windows
 	go func() {
-		pw.Write(payload)
-		pw.Close()
+		_, _ = pw.Write(payload)
+		_ = pw.Close()
 	}()
 	got, err := io.ReadAll(resp.Body)
 	if err != nil || !bytes.Equal(got, payload) {
 		t.Fatalf("echoed %d bytes, %v; want %d", len(got), err, len(payload))
 	}
-	resp.Body.Close()
+	_ = resp.Body.Close()
 
 	resp, err = connect("10.0.0.1:401", http.NoBody)
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp.Body.Close()
+	_ = resp.Body.Close()
 	if resp.StatusCode != 401 {
 		t.Fatalf("status %d, want 401", resp.StatusCode)
 	}
@@ -277,7 +277,7 @@ func TestXNetServer(t *testing.T) {
 		for {
 			n, err := r.Body.Read(buf)
 			if n > 0 {
-				w.Write(buf[:n])
+				_, _ = w.Write(buf[:n])
 				w.(http.Flusher).Flush()
 			}
 			if err != nil {
@@ -291,10 +291,10 @@ func TestXNetServer(t *testing.T) {
 	}
 	cfg := p.serverTLS(serverID)
 	cfg.NextProtos = []string{"h2"}
-	h2s := &http2.Server{}
+	h2s := &http2.Server{} //nolint:staticcheck // x/net/http2 on purpose: an independent HTTP/2 peer
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	defer l.Close()
+	defer func() { _ = l.Close() }()
 	wg.Go(func() {
 		for {
 			c, err := l.Accept()
@@ -304,15 +304,15 @@ func TestXNetServer(t *testing.T) {
 			wg.Go(func() {
 				tc := tls.Server(c, cfg)
 				if err := tc.Handshake(); err != nil {
-					c.Close()
+					_ = c.Close()
 					return
 				}
-				h2s.ServeConn(tc, &http2.ServeConnOpts{Handler: handler})
+				h2s.ServeConn(tc, &http2.ServeConnOpts{Handler: handler}) //nolint:staticcheck // x/net/http2 on purpose: an independent HTTP/2 peer
 			})
 		}
 	})
 	pool := newConnector(PoolOptions{TLSConfig: func(k Key) (*tls.Config, error) { return p.clientTLS(k.SrcIdentity, k.DstIdentity), nil }})
-	defer pool.Close()
+	defer func() { _ = pool.Close() }()
 	k := Key{SrcIdentity: clientID, DstIdentity: serverID, Addr: netip.MustParseAddrPort(l.Addr().String())}
 
 	for range 3 { // several streams on one connection
@@ -322,15 +322,15 @@ func TestXNetServer(t *testing.T) {
 		}
 		payload := bytes.Repeat([]byte("to x/net and back "), 500000) // ~9 MiB
 		go func() {
-			s.Write(payload)
-			s.CloseWrite()
+			_, _ = s.Write(payload)
+			_ = s.CloseWrite()
 		}()
 		h := sha256.New()
 		n, err := io.Copy(h, s)
 		if err != nil || n != int64(len(payload)) || !bytes.Equal(h.Sum(nil), sha256Sum(payload)) {
 			t.Fatalf("echoed %d bytes (%v), want %d intact", n, err, len(payload))
 		}
-		s.Close()
+		_ = s.Close()
 	}
 	_, err = pool.Connect(context.Background(), k, "10.0.0.1:401", nil)
 	var se *StatusError

@@ -213,11 +213,11 @@ func (p *Pool) open(ctx context.Context, k Key) (*conn, error) {
 	w := newWire(raw)
 	tc := tls.Client(w, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
-		raw.Close()
+		_ = raw.Close() // the handshake error is the one to report
 		return nil, fmt.Errorf("hbone: TLS handshake with %s as %s, expecting %s: %w", k.Addr, k.SrcIdentity, k.DstIdentity, err)
 	}
 	if proto := tc.ConnectionState().NegotiatedProtocol; proto != "h2" {
-		raw.Close()
+		_ = raw.Close() // the ALPN error is the one to report
 		return nil, fmt.Errorf("hbone: %s negotiated ALPN %q instead of h2: not an HBONE endpoint?", k.Addr, proto)
 	}
 	c := newConn(clientRole, raw, w, tc, p.log)

@@ -1,6 +1,7 @@
 package hbone
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -26,8 +27,8 @@ func Proxy(a, b net.Conn) (aToB, bToA int64, err error) {
 	go func() { done <- pipe(b, a, &first) }()
 	bToA = pipe(a, b, &first)
 	aToB = <-done
-	a.Close()
-	b.Close()
+	_ = a.Close() // the copy errors are the ones to report
+	_ = b.Close()
 	return aToB, bToA, first.err
 }
 
@@ -90,7 +91,7 @@ func copyConn(dst, src net.Conn) (n int64, rerr, werr error) {
 				return n, nil, io.ErrShortWrite
 			}
 		}
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return n, nil, nil
 		}
 		if err != nil {
@@ -105,9 +106,9 @@ func abortConn(c net.Conn) {
 	case *stream:
 		c.abort(http2.ErrCodeConnect)
 	case *net.TCPConn:
-		c.SetLinger(0) // close with RST
-		c.Close()
+		_ = c.SetLinger(0) // close with RST
+		_ = c.Close()
 	default:
-		c.Close()
+		_ = c.Close()
 	}
 }

@@ -114,7 +114,7 @@ func (srv *Server) Serve(ln net.Listener) error {
 		srv.mu.Lock()
 		if srv.shutting {
 			srv.mu.Unlock()
-			raw.Close()
+			_ = raw.Close()
 			return ErrServerClosed
 		}
 		srv.pending[raw] = struct{}{}
@@ -140,7 +140,7 @@ func (srv *Server) serveConn(raw net.Conn) {
 		if !errors.Is(err, ErrServerClosed) {
 			srv.log.Info("hbone: rejecting connection", "peer", raw.RemoteAddr(), "error", err)
 		}
-		raw.Close()
+		_ = raw.Close() // rejected: nothing to report a close error to
 		return
 	}
 	defer func() {
@@ -161,7 +161,7 @@ func (srv *Server) serveConn(raw net.Conn) {
 
 // handshake runs TLS and reads the client's HTTP/2 preface.
 func (srv *Server) handshake(raw net.Conn) (*conn, error) {
-	raw.SetDeadline(time.Now().Add(handshakeTimeout))
+	_ = raw.SetDeadline(time.Now().Add(handshakeTimeout)) // a failing socket fails the handshake below
 	w := newWire(raw)
 	tc := tls.Server(w, srv.cfg)
 	if err := tc.Handshake(); err != nil {
@@ -177,7 +177,7 @@ func (srv *Server) handshake(raw net.Conn) (*conn, error) {
 	if !bytes.Equal(preface, clientPreface) {
 		return nil, fmt.Errorf("bad HTTP/2 preface %q", preface)
 	}
-	raw.SetDeadline(time.Time{})
+	_ = raw.SetDeadline(time.Time{}) // a failing socket fails the first read/write
 	c := newConn(serverRole, raw, w, tc, srv.log)
 	c.maxStreams = srv.o.MaxConcurrentStreams
 	c.onStream = srv.startStream
@@ -205,9 +205,9 @@ func (srv *Server) serveStream(s *stream, req *Request) {
 		rw.mu.Unlock()
 		if !answered {
 			srv.log.Error("hbone: handler returned without answering", "peer", req.RemoteAddr, "dst.addr", req.Authority)
-			rw.Reject(http.StatusInternalServerError)
+			_ = rw.Reject(http.StatusInternalServerError) // best effort: the stream is closed next
 		}
-		s.Close()
+		_ = s.Close() // the handler is done with the stream
 	}()
 	srv.o.Handler.ServeHBONE(s.ctx, req, rw)
 }
@@ -230,7 +230,7 @@ func (srv *Server) Shutdown(ctx context.Context) error {
 		select {
 		case <-srv.connGone:
 		case <-ctx.Done():
-			srv.Close()
+			_ = srv.Close()
 			return ctx.Err()
 		}
 	}
@@ -263,10 +263,10 @@ func (srv *Server) stop() []*conn {
 	defer srv.mu.Unlock()
 	srv.shutting = true
 	for ln := range srv.listeners {
-		ln.Close()
+		_ = ln.Close() // shutting down
 	}
 	for raw := range srv.pending {
-		raw.Close()
+		_ = raw.Close() // shutting down
 	}
 	conns := make([]*conn, 0, len(srv.conns))
 	for c := range srv.conns {

@@ -3,6 +3,7 @@
 package hbone
 
 import (
+	"errors"
 	"io"
 	"net"
 	"syscall"
@@ -48,7 +49,7 @@ func (d *directSink) write(p []byte) (int, error) {
 		err = d.err
 	}
 	d.buf, d.err = nil, nil
-	if err == syscall.EAGAIN || err == syscall.EINTR {
+	if errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EINTR) {
 		err = nil // full for now: the stream's goroutine writes the rest
 	}
 	return n, err

@@ -2,6 +2,7 @@ package hbone
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -270,11 +271,11 @@ func (s *stream) writeTo(w io.Writer) (n int64, rerr, werr error) {
 		b, err := s.acquireLocked()
 		sinkErr := s.sinkErr
 		s.mu.Unlock()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return n, nil, nil
 		}
 		if err != nil {
-			if err == sinkErr {
+			if errors.Is(err, sinkErr) {
 				return n, nil, err
 			}
 			return n, err, nil
@@ -490,7 +491,7 @@ func (s *stream) LocalAddr() net.Addr  { return s.c.raw.LocalAddr() }
 func (s *stream) RemoteAddr() net.Addr { return s.c.raw.RemoteAddr() }
 
 func (s *stream) SetDeadline(t time.Time) error {
-	s.SetReadDeadline(t)
+	_ = s.SetReadDeadline(t) // cannot fail for a stream
 	return s.SetWriteDeadline(t)
 }
 

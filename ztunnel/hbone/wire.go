@@ -155,7 +155,7 @@ func (w *wire) failLocked(err error) {
 		w.err = err
 		// The frame reader may be blocked reading a connection we can no
 		// longer write to; closing the socket stops it.
-		w.Conn.Close()
+		_ = w.Conn.Close() //nolint:staticcheck // the socket, named: wire overrides Write; tearing down, w.err is the error that matters
 	}
 	w.cond.Broadcast()
 }
@@ -166,7 +166,7 @@ func (w *wire) run() {
 		select {
 		case <-w.kick:
 			w.mu.Lock()
-			w.flushLocked()
+			_ = w.flushLocked() // a failure is sticky in w.err
 			w.mu.Unlock()
 		case <-w.done:
 			return
@@ -191,6 +191,6 @@ func (w *wire) close(err error) {
 		w.failLocked(err)
 		w.mu.Unlock()
 		close(w.done)
-		w.Conn.Close()
+		_ = w.Conn.Close() //nolint:staticcheck // the socket, named: wire overrides Write; tearing down, w.err is the error that matters
 	})
 }

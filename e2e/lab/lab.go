@@ -255,6 +255,9 @@ func (l *Lab) teardown() error {
 	if err := removeNetnsWithPrefix(l.opts.Name + "-"); err != nil {
 		errs = append(errs, err)
 	}
+	if err := unmountBPFFS(l.opts.Dir); err != nil {
+		errs = append(errs, err)
+	}
 	if err := removeMountPoints(l.path("mountpoints")); err != nil {
 		errs = append(errs, err)
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	_ "embed"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,6 +12,7 @@ import (
 	"strconv"
 	"time"
 
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -32,6 +34,36 @@ func (l *Lab) NodeRoot(i int) string { return filepath.Join(l.NodeDir(i), "root"
 // CNIConfDir is node i's CNI configuration directory, the one a container
 // runtime would read: /etc/cni/net.d below the node's root.
 func (l *Lab) CNIConfDir(i int) string { return filepath.Join(l.NodeRoot(i), "etc", "cni", "net.d") }
+
+// BPFFS is node i's bpf filesystem, /sys/fs/bpf below the node's root: a
+// bpffs instance of its own, as every real node has, so that what a node's
+// agents pin there is the node's alone and goes when the lab goes.
+func (l *Lab) BPFFS(i int) string { return filepath.Join(l.NodeRoot(i), "sys", "fs", "bpf") }
+
+// mountBPFFS gives node i its own bpffs (a new instance per mount).
+func (l *Lab) mountBPFFS(i int) error {
+	dir := l.BPFFS(i)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mounting a bpffs for %s at %s: %w", NodeName(i), dir, err)
+	}
+	return nil
+}
+
+// unmountBPFFS unmounts every node's bpffs of the lab in dir, which
+// releases whatever was pinned there.
+func unmountBPFFS(dir string) error {
+	mounts, _ := filepath.Glob(filepath.Join(dir, "nodes", "*", "root", "sys", "fs", "bpf"))
+	var errs []error
+	for _, m := range mounts {
+		if err := unix.Unmount(m, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
+			errs = append(errs, fmt.Errorf("unmounting %s: %w", m, err))
+		}
+	}
+	return errors.Join(errs...)
+}
 
 // cniConflist is the primary network of every node: ptp veth pairs with
 // host-local IPAM over the node's pod range, as a simple real CNI does it.
@@ -64,6 +96,9 @@ const cniConflist = `{
 func (l *Lab) startNodes(ctx context.Context) error {
 	for i := 1; i <= l.opts.Nodes; i++ {
 		if err := os.MkdirAll(l.CNIConfDir(i), 0o755); err != nil {
+			return err
+		}
+		if err := l.mountBPFFS(i); err != nil {
 			return err
 		}
 		conf := fmt.Sprintf(cniConflist, filepath.Join(l.NodeDir(i), "ipam"), podCIDR(i))

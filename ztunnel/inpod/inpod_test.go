@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -40,7 +41,11 @@ func (r *recorder) Add(_ context.Context, uid string, info *zdsapi.WorkloadInfo,
 		_ = old.Close()
 	}
 	r.added[uid] = ns
-	r.events <- "add " + uid + " " + info.GetNamespace() + "/" + info.GetName()
+	ev := "add " + uid + " " + info.GetNamespace() + "/" + info.GetName()
+	if m := ns.SockMap(); m != nil {
+		ev += " sockmap=" + inode(m)
+	}
+	r.events <- ev
 	return nil
 }
 
@@ -83,6 +88,20 @@ func expect(t *testing.T, r *recorder, want ...string) {
 	}
 }
 
+// inode names the file behind f, to check that an fd passed over ZDS is
+// the one sent.
+func inode(f *os.File) string {
+	fi, err := f.Stat()
+	if err != nil {
+		return "?"
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return "?"
+	}
+	return fmt.Sprint(st.Ino)
+}
+
 func requireRoot(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to make network namespaces")
@@ -105,7 +124,9 @@ func newNetns(t *testing.T) string {
 
 // TestZDSSnapshotAndReconnect plays the node agent: pods enrolled before
 // ztunnel connects arrive as a snapshot; later changes arrive live; a
-// reconnecting ztunnel gets a new snapshot without the removed pod.
+// reconnecting ztunnel gets a new snapshot without the removed pod; a
+// pod's SOCKMAP fd (eBPF mode; a pipe stands in for it) travels with its
+// netns, live and in snapshots.
 func TestZDSSnapshotAndReconnect(t *testing.T) {
 	requireRoot(t)
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -122,7 +143,7 @@ func TestZDSSnapshotAndReconnect(t *testing.T) {
 	go func() { _ = srv.Serve(ctx) }()
 	defer func() { _ = srv.Close() }()
 	nsA, nsB := newNetns(t), newNetns(t)
-	if err := srv.Upsert("uid-a", &zdsapi.WorkloadInfo{Name: "a", Namespace: "ns"}, nsA); !errors.Is(err, ErrNoZtunnel) {
+	if err := srv.Upsert("uid-a", &zdsapi.WorkloadInfo{Name: "a", Namespace: "ns"}, nsA, nil); !errors.Is(err, ErrNoZtunnel) {
 		t.Fatalf("upsert before ztunnel: %v", err)
 	}
 
@@ -133,10 +154,16 @@ func TestZDSSnapshotAndReconnect(t *testing.T) {
 	go func() { _ = client.Run(cctx); close(done) }() // Run returns nil once cctx is done
 	expect(t, r, "add uid-a ns/a", "snapshot 1")
 
-	if err := srv.Upsert("uid-b", &zdsapi.WorkloadInfo{Name: "b", Namespace: "ns"}, nsB); err != nil {
+	pr, pw, err := os.Pipe()
+	if err != nil {
 		t.Fatal(err)
 	}
-	expect(t, r, "add uid-b ns/b")
+	defer func() { _ = pw.Close() }()
+	pipe := inode(pr)
+	if err := srv.Upsert("uid-b", &zdsapi.WorkloadInfo{Name: "b", Namespace: "ns"}, nsB, pr); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, r, "add uid-b ns/b sockmap="+pipe)
 	if err := srv.Remove("uid-a"); err != nil {
 		t.Fatal(err)
 	}
@@ -147,7 +174,7 @@ func TestZDSSnapshotAndReconnect(t *testing.T) {
 	<-done
 	r2 := newRecorder()
 	go func() { _ = (&Client{Path: sock, Handler: r2, Log: log}).Run(ctx) }()
-	expect(t, r2, "add uid-b ns/b", "snapshot 1")
+	expect(t, r2, "add uid-b ns/b sockmap="+pipe, "snapshot 1")
 }
 
 // TestNetNSListenAndDial opens a listener inside a namespace through the fd

@@ -30,7 +30,8 @@ const InboundMark = 0x111
 // node agent passed over ZDS). Sockets belong to the namespace of the thread
 // that creates them, so listeners and dials run on a thread that entered it.
 type NetNS struct {
-	f *os.File
+	f       *os.File
+	sockmap *os.File // eBPF capture mode: where the listeners go; nil otherwise
 }
 
 // OpenNetNS opens a network namespace by path (for tests and the node
@@ -46,8 +47,40 @@ func OpenNetNS(path string) (*NetNS, error) {
 // NetNSFromFD takes ownership of a namespace fd.
 func NetNSFromFD(fd int) *NetNS { return &NetNS{f: os.NewFile(uintptr(fd), "netns")} }
 
-// Close releases the namespace fd. Sockets already made stay in it.
-func (n *NetNS) Close() error { return n.f.Close() }
+// Close releases the namespace fd (and the SOCKMAP's, if any). Sockets
+// already made stay in the namespace.
+func (n *NetNS) Close() error {
+	if n.sockmap != nil {
+		_ = n.sockmap.Close() // a map fd: closing loses nothing
+	}
+	return n.f.Close()
+}
+
+// SameNamespace reports whether n and o hold the same network namespace
+// (the node agent sends a pod again when ztunnel or the agent reconnects).
+func (n *NetNS) SameNamespace(o *NetNS) bool {
+	var a, b unix.Stat_t
+	if unix.Fstat(int(n.f.Fd()), &a) != nil || unix.Fstat(int(o.f.Fd()), &b) != nil {
+		return false
+	}
+	return a.Dev == b.Dev && a.Ino == b.Ino
+}
+
+// Adopt takes o's SOCKMAP, if it has one, in place of n's, and closes o.
+func (n *NetNS) Adopt(o *NetNS) {
+	if o.sockmap != nil {
+		if n.sockmap != nil {
+			_ = n.sockmap.Close() // a map fd: closing loses nothing
+		}
+		n.sockmap, o.sockmap = o.sockmap, nil
+	}
+	_ = o.Close() // read-only
+}
+
+// SockMap is the pod's listener SOCKMAP when the node agent captures the
+// pod with eBPF (ztunnel puts its outbound and inbound listeners in it),
+// nil in nftables mode.
+func (n *NetNS) SockMap() *os.File { return n.sockmap }
 
 // FD returns the namespace's file descriptor.
 func (n *NetNS) FD() int { return int(n.f.Fd()) }
@@ -82,14 +115,20 @@ func (n *NetNS) Do(f func() error) error {
 // Listen opens a TCP listener inside the namespace. MPTCP is off: Go 1.24+
 // listeners default to it, and an MPTCP socket cannot go into a SOCKMAP,
 // which the eBPF capture mode uses. IP_TRANSPARENT is set so that the
-// listener can also take TPROXY'd connections (nftables mode).
+// listener can take connections addressed elsewhere (TPROXY, and sk_lookup
+// in eBPF mode, where an outbound connection's local address is its
+// original destination). The listener carries Mark, and so do the
+// connections it accepts: their packets are ztunnel's and are never
+// captured again.
 func (n *NetNS) Listen(ctx context.Context, addr string) (net.Listener, error) {
 	var ln net.Listener
 	err := n.Do(func() error {
 		lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
 			var serr error
 			err := c.Control(func(fd uintptr) {
-				serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+				serr = errors.Join(
+					unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1),
+					unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, Mark))
 			})
 			return errors.Join(err, serr)
 		}}

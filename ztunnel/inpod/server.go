@@ -33,8 +33,16 @@ type Server struct {
 // a /proc/<pid>/ns/net path goes away with its process while the
 // namespace lives on.
 type entry struct {
-	info  *zdsapi.WorkloadInfo
-	netns *os.File
+	info    *zdsapi.WorkloadInfo
+	netns   *os.File
+	sockmap *os.File // eBPF mode: the pod's listener SOCKMAP; nil otherwise
+}
+
+func (e entry) close() {
+	_ = e.netns.Close() // read-only
+	if e.sockmap != nil {
+		_ = e.sockmap.Close()
+	}
 }
 
 type zdsConn struct {
@@ -84,8 +92,8 @@ func (s *Server) Close() error {
 
 func (s *Server) handshake(c *net.UnixConn) {
 	var hello zdsapi.ZdsHello
-	fd, err := recv(c, &hello)
-	if fd >= 0 {
+	fds, err := recv(c, &hello)
+	for _, fd := range fds {
 		closeFD(fd)
 	}
 	if err != nil {
@@ -119,7 +127,7 @@ func (s *Server) handshake(c *net.UnixConn) {
 		}
 	}
 	req := &zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_SnapshotSent{SnapshotSent: &zdsapi.SnapshotSent{}}}
-	if err := zc.request(req, -1); err != nil {
+	if err := zc.request(req); err != nil {
 		s.log.Warn("sending snapshot end", "error", err)
 	}
 	s.log.Info("ztunnel connected; snapshot sent", "workloads", len(snapshot))
@@ -127,16 +135,21 @@ func (s *Server) handshake(c *net.UnixConn) {
 
 // Upsert records an enrolled pod (opening its network namespace, which
 // it holds open until Remove) and sends it to the connected ztunnel,
-// waiting for its ack.
-func (s *Server) Upsert(uid string, info *zdsapi.WorkloadInfo, netnsPath string) error {
+// waiting for its ack. sockmap, if not nil, is the pod's listener SOCKMAP
+// (eBPF capture mode), sent along for ztunnel to put its listeners in;
+// the server owns it from then on.
+func (s *Server) Upsert(uid string, info *zdsapi.WorkloadInfo, netnsPath string, sockmap *os.File) error {
 	f, err := os.Open(netnsPath)
 	if err != nil {
+		if sockmap != nil {
+			_ = sockmap.Close()
+		}
 		return fmt.Errorf("opening netns of %s: %w", uid, err)
 	}
-	e := entry{info: info, netns: f}
+	e := entry{info: info, netns: f, sockmap: sockmap}
 	s.mu.Lock()
 	if old, ok := s.workloads[uid]; ok {
-		_ = old.netns.Close()
+		old.close()
 	}
 	s.workloads[uid] = e
 	zc := s.conn
@@ -153,7 +166,7 @@ func (s *Server) Upsert(uid string, info *zdsapi.WorkloadInfo, netnsPath string)
 func (s *Server) Remove(uid string) error {
 	s.mu.Lock()
 	if old, ok := s.workloads[uid]; ok {
-		_ = old.netns.Close()
+		old.close()
 	}
 	delete(s.workloads, uid)
 	zc := s.conn
@@ -163,26 +176,29 @@ func (s *Server) Remove(uid string) error {
 	}
 	zc.mu.Lock()
 	defer zc.mu.Unlock()
-	return zc.request(&zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_Del{Del: &zdsapi.DelWorkload{Uid: uid}}}, -1)
+	return zc.request(&zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_Del{Del: &zdsapi.DelWorkload{Uid: uid}}})
 }
 
 func (zc *zdsConn) add(uid string, e entry) error {
-	f := e.netns
 	req := &zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_Add{Add: &zdsapi.AddWorkload{Uid: uid, WorkloadInfo: e.info}}}
-	return zc.request(req, int(f.Fd()))
+	fds := []int{int(e.netns.Fd())}
+	if e.sockmap != nil {
+		fds = append(fds, int(e.sockmap.Fd()))
+	}
+	return zc.request(req, fds...)
 }
 
 // request sends one request and waits for its ack.
-func (zc *zdsConn) request(m proto.Message, fd int) error {
+func (zc *zdsConn) request(m proto.Message, fds ...int) error {
 	_ = zc.conn.SetDeadline(time.Now().Add(10 * time.Second))
 	defer func() { _ = zc.conn.SetDeadline(time.Time{}) }()
-	if err := send(zc.conn, m, fd); err != nil {
+	if err := send(zc.conn, m, fds...); err != nil {
 		return fmt.Errorf("sending to ztunnel: %w", err)
 	}
 	var resp zdsapi.WorkloadResponse
-	rfd, err := recv(zc.conn, &resp)
-	if rfd >= 0 {
-		closeFD(rfd)
+	rfds, err := recv(zc.conn, &resp)
+	for _, fd := range rfds {
+		closeFD(fd)
 	}
 	if err != nil {
 		return fmt.Errorf("waiting for ztunnel's ack: %w", err)

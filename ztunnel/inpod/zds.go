@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"os"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -80,26 +81,32 @@ func (c *Client) session(ctx context.Context) error {
 	conn := raw.(*net.UnixConn)
 	defer func() { _ = conn.Close() }()
 	go func() { <-ctx.Done(); _ = conn.Close() }()
-	if err := send(conn, &zdsapi.ZdsHello{Version: zdsapi.Version_V1}, -1); err != nil {
+	if err := send(conn, &zdsapi.ZdsHello{Version: zdsapi.Version_V1}); err != nil {
 		return fmt.Errorf("sending hello: %w", err)
 	}
 	present := map[string]bool{}
 	snapshotDone := false
 	for {
 		var req zdsapi.WorkloadRequest
-		fd, err := recv(conn, &req)
+		fds, err := recv(conn, &req)
 		if err != nil {
 			return err
 		}
 		var herr error
 		switch p := req.Payload.(type) {
 		case *zdsapi.WorkloadRequest_Add:
-			if fd < 0 {
+			if len(fds) == 0 {
 				herr = fmt.Errorf("add %s: no netns fd attached", p.Add.Uid)
 				break
 			}
-			herr = c.Handler.Add(ctx, p.Add.Uid, p.Add.WorkloadInfo, NetNSFromFD(fd))
-			fd = -1
+			// The netns fd, then, in eBPF capture mode, the pod's
+			// listener SOCKMAP (Ambit's addition to Istio's ZDS).
+			ns := NetNSFromFD(fds[0])
+			if len(fds) > 1 {
+				ns.sockmap = os.NewFile(uintptr(fds[1]), "sockmap")
+			}
+			fds = fds[min(len(fds), 2):]
+			herr = c.Handler.Add(ctx, p.Add.Uid, p.Add.WorkloadInfo, ns)
 			if !snapshotDone {
 				present[p.Add.Uid] = true
 			}
@@ -117,7 +124,7 @@ func (c *Client) session(ctx context.Context) error {
 		default:
 			herr = errors.New("unknown ZDS request")
 		}
-		if fd >= 0 {
+		for _, fd := range fds {
 			closeFD(fd)
 		}
 		ack := &zdsapi.WorkloadResponse{Payload: &zdsapi.WorkloadResponse_Ack{Ack: &zdsapi.Ack{}}}
@@ -125,62 +132,57 @@ func (c *Client) session(ctx context.Context) error {
 			c.Log.Error("handling ZDS request", "error", herr)
 			ack.GetAck().Error = herr.Error()
 		}
-		if err := send(conn, ack, -1); err != nil {
+		if err := send(conn, ack); err != nil {
 			return fmt.Errorf("sending ack: %w", err)
 		}
 	}
 }
 
-// send writes one message, with fd attached when fd >= 0.
-func send(conn *net.UnixConn, m proto.Message, fd int) error {
+// send writes one message with fds attached.
+func send(conn *net.UnixConn, m proto.Message, fds ...int) error {
 	b, err := proto.Marshal(m)
 	if err != nil {
 		return err
 	}
 	var oob []byte
-	if fd >= 0 {
-		oob = unix.UnixRights(fd)
+	if len(fds) > 0 {
+		oob = unix.UnixRights(fds...)
 	}
 	_, _, err = conn.WriteMsgUnix(b, oob, nil)
 	return err
 }
 
-// recv reads one message and the fd attached to it, if any (-1 if none).
-func recv(conn *net.UnixConn, m proto.Message) (int, error) {
+// maxFDs bounds the fds a message may carry; extra ones are closed.
+const maxFDs = 4
+
+// recv reads one message and the fds attached to it, in order.
+func recv(conn *net.UnixConn, m proto.Message) ([]int, error) {
 	buf := make([]byte, maxMessage)
-	oob := make([]byte, unix.CmsgSpace(4*4))
+	oob := make([]byte, unix.CmsgSpace(maxFDs*4))
 	n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
 	if err != nil {
-		return -1, err
+		return nil, err
 	}
 	if n == 0 && oobn == 0 {
-		return -1, errors.New("connection closed by peer")
+		return nil, errors.New("connection closed by peer")
 	}
-	fd := -1
+	var fds []int
 	if oobn > 0 {
 		msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
 		if err != nil {
-			return -1, fmt.Errorf("parsing control message: %w", err)
+			return nil, fmt.Errorf("parsing control message: %w", err)
 		}
 		for _, cm := range msgs {
-			fds, err := unix.ParseUnixRights(&cm)
-			if err != nil {
-				continue
-			}
-			for i, f := range fds {
-				if i == 0 {
-					fd = f
-				} else {
-					closeFD(f)
-				}
+			if got, err := unix.ParseUnixRights(&cm); err == nil {
+				fds = append(fds, got...)
 			}
 		}
 	}
 	if err := proto.Unmarshal(buf[:n], m); err != nil {
-		if fd >= 0 {
+		for _, fd := range fds {
 			closeFD(fd)
 		}
-		return -1, fmt.Errorf("decoding ZDS message: %w", err)
+		return nil, fmt.Errorf("decoding ZDS message: %w", err)
 	}
-	return fd, nil
+	return fds, nil
 }

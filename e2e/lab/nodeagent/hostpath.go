@@ -15,6 +15,9 @@ import (
 // /etc/cni/net.d, as on real machines.
 // (The CNI plugins the lab runs see the node's /var/run/ambit: see
 // nodeExec.)
+//
+// /sys/fs/bpf is the exception under /sys: each node has a bpffs of its own
+// (the lab mounts one below the node's root), as real nodes do.
 var hostShared = []string{"/proc", "/sys", "/dev", "/run/netns", "/var/run/netns", "/lib/modules", "/usr", "/bin", "/sbin", "/lib", "/lib64"}
 
 // HostPath returns where a pod's hostPath lives on this machine for a node
@@ -23,6 +26,9 @@ func HostPath(root, p string) string {
 	p = filepath.Clean(p)
 	if root == "" {
 		return p
+	}
+	if p == "/sys/fs/bpf" || strings.HasPrefix(p, "/sys/fs/bpf/") {
+		return filepath.Join(root, p)
 	}
 	for _, s := range hostShared {
 		if p == s || strings.HasPrefix(p, s+"/") {

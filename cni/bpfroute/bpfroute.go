@@ -1,0 +1,216 @@
+// Package bpfroute is the policy routing of the eBPF capture mode, inside an
+// enrolled pod's network namespace. The sk_lookup program (package bpf)
+// only runs on packets the namespace receives; this routing makes the
+// pod's outbound TCP be received there too, and brings the app's replies
+// to ztunnel's transparent dials back to ztunnel:
+//
+//   - outbound: every TCP packet the pod sends that ztunnel did not mark
+//     (Mark) looks up OutboundTable, where every address is local
+//     ("local default dev lo src <pod IP>"): it loops back through lo, and
+//     the sk_lookup program hands it to ztunnel's outbound listener, whose
+//     accepted socket keeps the original destination as its local address.
+//     The node's addresses (kubelet's probes come from there) are thrown
+//     back to the main table, so that the app's replies to probes leave
+//     normally.
+//   - return path: ztunnel dials the app from the client's address with
+//     InboundMark; net.ipv4.tcp_fwmark_accept makes the app's accepted
+//     socket carry that mark, so its replies look up InboundTable (every
+//     address local) and reach ztunnel over lo. nftables mode does the same
+//     with a ct mark.
+//
+// Nothing here touches the node's namespace.
+package bpfroute
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/ambitmesh/ambit/ztunnel/inpod"
+)
+
+// Marks, tables and rule preferences. InboundTable and InboundPref are
+// Istio's (table 133, pref 32764), shared with nftables mode.
+const (
+	Mark          = inpod.Mark
+	InboundMark   = inpod.InboundMark
+	InboundTable  = 133
+	InboundPref   = 32764
+	OutboundTable = 134
+	OutboundPref  = 32765
+	markMask      = 0xfff
+)
+
+const fwmarkAccept = "/proc/sys/net/ipv4/tcp_fwmark_accept"
+
+// Apply installs the routing in the network namespace at netnsPath for a
+// pod with addresses podIPs (the first IPv4 one is the source of its
+// outbound connections) and probes from probeSources. It is idempotent.
+func Apply(netnsPath string, podIPs, probeSources []netip.Addr) error {
+	var src netip.Addr
+	for _, ip := range podIPs {
+		if ip.Unmap().Is4() {
+			src = ip.Unmap()
+			break
+		}
+	}
+	if !src.IsValid() {
+		return fmt.Errorf("no IPv4 pod address in %v: eBPF capture is IPv4 only", podIPs)
+	}
+	h, lo, done, err := open(netnsPath)
+	if err != nil {
+		return err
+	}
+	defer done()
+	routes := []*netlink.Route{
+		{Type: unix.RTN_LOCAL, Table: InboundTable, Dst: anyV4(), LinkIndex: lo, Scope: netlink.SCOPE_HOST},
+		{Type: unix.RTN_LOCAL, Table: OutboundTable, Dst: anyV4(), LinkIndex: lo, Scope: netlink.SCOPE_HOST, Src: src.AsSlice()},
+	}
+	for _, p := range probeSources {
+		if p.Unmap().Is4() {
+			routes = append(routes, &netlink.Route{Type: unix.RTN_THROW, Table: OutboundTable,
+				Dst: &net.IPNet{IP: p.Unmap().AsSlice(), Mask: net.CIDRMask(32, 32)}})
+		}
+	}
+	for _, r := range routes {
+		if err := h.RouteReplace(r); err != nil {
+			return fmt.Errorf("adding route %s in %s: %w", r, netnsPath, err)
+		}
+	}
+	if err := setFwmarkAccept(netnsPath, "1"); err != nil {
+		return err
+	}
+	// Rules last: once they are in, everything they send somewhere has
+	// somewhere to go. A rule already there stays: deleting and adding it
+	// again would open a window in which the pod's traffic leaves
+	// uncaptured (Apply runs again when the agent restarts).
+	have, err := h.RuleList(netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("listing rules in %s: %w", netnsPath, err)
+	}
+	for _, r := range rules() {
+		if slices.ContainsFunc(have, func(o netlink.Rule) bool { return o.Priority == r.Priority && o.Table == r.Table }) {
+			continue
+		}
+		if err := h.RuleAdd(r); err != nil {
+			return fmt.Errorf("adding rule %d in %s: %w", r.Priority, netnsPath, err)
+		}
+	}
+	return nil
+}
+
+// Remove deletes the rules, then the routes, and turns
+// tcp_fwmark_accept back off. Removing what is not there is not an error.
+func Remove(netnsPath string) error {
+	h, _, done, err := open(netnsPath)
+	if err != nil {
+		return err
+	}
+	defer done()
+	for _, r := range rules() {
+		for {
+			err := h.RuleDel(r)
+			if errors.Is(err, unix.ENOENT) {
+				break
+			}
+			if err != nil {
+				return fmt.Errorf("deleting rule %d in %s: %w", r.Priority, netnsPath, err)
+			}
+		}
+	}
+	for _, table := range []int{OutboundTable, InboundTable} {
+		routes, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return fmt.Errorf("listing table %d in %s: %w", table, netnsPath, err)
+		}
+		for i := range routes {
+			if err := h.RouteDel(&routes[i]); err != nil && !errors.Is(err, unix.ESRCH) {
+				return fmt.Errorf("deleting route %s in %s: %w", routes[i], netnsPath, err)
+			}
+		}
+	}
+	return setFwmarkAccept(netnsPath, "0")
+}
+
+// Installed reports whether any of the rules or routes is present.
+func Installed(netnsPath string) (bool, error) {
+	h, _, done, err := open(netnsPath)
+	if err != nil {
+		return false, err
+	}
+	defer done()
+	rs, err := h.RuleList(netlink.FAMILY_V4)
+	if err != nil {
+		return false, err
+	}
+	for _, r := range rs {
+		if r.Table == InboundTable || r.Table == OutboundTable {
+			return true, nil
+		}
+	}
+	for _, table := range []int{OutboundTable, InboundTable} {
+		routes, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return false, err
+		}
+		if len(routes) > 0 {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+func rules() []*netlink.Rule {
+	mask := uint32(markMask)
+	in := netlink.NewRule()
+	in.Family, in.Priority, in.Table, in.Mark, in.Mask = netlink.FAMILY_V4, InboundPref, InboundTable, InboundMark, &mask
+	out := netlink.NewRule()
+	out.Family, out.Priority, out.Table, out.Mark, out.Mask = netlink.FAMILY_V4, OutboundPref, OutboundTable, Mark, &mask
+	out.Invert, out.IPProto = true, unix.IPPROTO_TCP
+	return []*netlink.Rule{in, out}
+}
+
+func anyV4() *net.IPNet { return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)} }
+
+// open returns a netlink handle in the namespace and its lo's index.
+func open(netnsPath string) (*netlink.Handle, int, func(), error) {
+	ns, err := netns.GetFromPath(netnsPath)
+	if err != nil {
+		return nil, 0, nil, fmt.Errorf("opening netns %s: %w", netnsPath, err)
+	}
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		_ = ns.Close()
+		return nil, 0, nil, fmt.Errorf("netlink in %s: %w", netnsPath, err)
+	}
+	done := func() { h.Close(); _ = ns.Close() }
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		done()
+		return nil, 0, nil, fmt.Errorf("finding lo in %s: %w", netnsPath, err)
+	}
+	return h, lo.Attrs().Index, done, nil
+}
+
+// setFwmarkAccept writes the namespace's net.ipv4.tcp_fwmark_accept: net
+// sysctls are those of the namespace of the thread that opens them.
+func setFwmarkAccept(netnsPath, v string) error {
+	ns, err := inpod.OpenNetNS(netnsPath)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = ns.Close() }()
+	return ns.Do(func() error {
+		if err := os.WriteFile(fwmarkAccept, []byte(v), 0); err != nil {
+			return fmt.Errorf("setting tcp_fwmark_accept in %s: %w", netnsPath, err)
+		}
+		return nil
+	})
+}

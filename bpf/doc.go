@@ -1,6 +1,43 @@
-// Package bpf will hold the eBPF programs (C, compiled with bpf2go) that
-// redirect an enrolled pod's traffic to ztunnel inside the pod's network
-// namespace. It is the only package that imports cilium/ebpf.
+// Package bpf captures an ambient-mode pod's TCP traffic for ztunnel with one
+// sk_lookup program attached to the pod's network namespace (redirect.c). It
+// is the only package that imports cilium/ebpf.
 //
-// Nothing is implemented yet; see the capture issue.
+// ztunnel runs its in-pod listeners inside the pod's netns and puts the
+// outbound one (:15001) and the inbound plaintext one (:15006) into the
+// program's SOCKMAP (RegisterListener). The program then decides, for each
+// new TCP connection looking for a listener in that netns:
+//
+//   - to the pod's own address, arriving from outside the pod: ztunnel's
+//     inbound listener, except HBONE (15008, ztunnel's own listener) and
+//     kubelet probes, which reach their listeners directly;
+//   - to any other address, arriving on lo: ztunnel's outbound listener. The
+//     pod's own connections arrive that way because of policy routing the node
+//     agent installs in the netns: TCP that ztunnel has not marked is routed by
+//     an ip rule to a table with "local 0.0.0.0/0 dev lo", so it loops back and
+//     is looked up locally with the original destination as the local address,
+//     which ztunnel then reads as its accepted socket's LocalAddr;
+//   - everything else (loopback, the pod talking to itself, UDP, IPv6) is left
+//     alone.
+//
+// Why this shape:
+//   - Everything stays inside the pod's netns: the program, the routing and
+//     the listeners. Nothing is installed on the node's datapath, and no cgroup
+//     is needed: the attachment point is the netns path the CNI plugin is
+//     handed, whatever the runtime does with cgroups.
+//   - No nftables, no iptables, no conntrack: nothing rewrites addresses, so
+//     there is no SO_ORIGINAL_DST to recover and no conntrack table to size.
+//   - It fails closed. A socket leaves the SOCKMAP when it is closed, so when
+//     ztunnel is not running the slot is empty and the program drops the SYN:
+//     the client retries until ztunnel is back, and traffic waits rather than
+//     leaves the pod unproxied.
+//   - The attachment is a bpf_link pinned on a bpffs with its maps (Attach), so
+//     it outlives the node agent process and is not re-created on a restart.
+//
+// What it does not do: routing (the node agent installs the ip rule and
+// route), listening (ztunnel owns its sockets; they must be plain TCP, not
+// MPTCP, and the outbound one needs IP_TRANSPARENT), IPv6 (the program steers
+// IPv4 only), and anything after the connection is accepted.
+//
+// The program is compiled with bpf2go (gen.go, `make generate`) for bpfel
+// (amd64, arm64); the generated redirect_bpfel.go and .o are committed.
 package bpf

@@ -15,18 +15,21 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/ambitmesh/ambit/bpf"
+	"github.com/ambitmesh/ambit/cni/bpfroute"
 	"github.com/ambitmesh/ambit/cni/nft"
 	"github.com/ambitmesh/ambit/e2e/lab"
 )
 
+// captureApps is the scenario's apps in namespace NS.
 const captureApps = `
 apiVersion: v1
 kind: Namespace
-metadata: {name: cap}
+metadata: {name: NS}
 ---
 apiVersion: apps/v1
 kind: Deployment
-metadata: {name: echo, namespace: cap}
+metadata: {name: echo, namespace: NS}
 spec:
   replicas: 1
   selector: {matchLabels: {app: echo}}
@@ -45,7 +48,7 @@ spec:
 ---
 apiVersion: v1
 kind: Service
-metadata: {name: echo, namespace: cap}
+metadata: {name: echo, namespace: NS}
 spec:
   selector: {app: echo}
   ports:
@@ -53,7 +56,7 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: client, namespace: cap}
+metadata: {name: client, namespace: NS}
 spec:
   nodeName: node-2
   terminationGracePeriodSeconds: 1
@@ -61,12 +64,15 @@ spec:
   - {name: client, image: curlimages/curl, command: [/bin/sleep, infinity]}
 `
 
-// TestCapture installs Ambit with its CNI node agent (nftables mode) and
-// checks enrolment without restarts: plaintext before the label, HBONE
-// within 2 s of labelling with no failed request and no pod restarted,
-// plaintext again and nothing left in the pods after unlabelling, no
-// plaintext while ztunnel is down, and a pod created in an enrolled
-// namespace captured from its start by the chained CNI plugin.
+// TestCapture installs Ambit with its CNI node agent and, in each capture
+// mode (nftables, then eBPF, switching the agent's flag), checks enrolment
+// without restarts: plaintext before the label, HBONE within 2 s of
+// labelling with no failed request and no pod restarted, the app seeing
+// the client's address, plaintext again and nothing left in the pods after
+// unlabelling, no plaintext while ztunnel is down and traffic back when it
+// returns, redirection kept through a node agent restart, and a pod
+// created in an enrolled namespace captured from its start by the chained
+// CNI plugin.
 func TestCapture(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("the lab needs root (network namespaces, cgroups, mounts); run `make test` as root")
@@ -109,17 +115,82 @@ func TestCapture(t *testing.T) {
 	for _, r := range []string{"deploy/ambit-controller", "ds/ztunnel", "ds/ambit-cni-node"} {
 		kubectl("-n", "istio-system", "rollout", "status", r, "--timeout=120s")
 	}
-	if err := l.Apply(ctx, []byte(captureApps)); err != nil {
+	modes := []string{"nftables", "ebpf"}
+	if m := os.Getenv("AMBIT_CAPTURE_MODES"); m != "" { // for debugging one mode
+		modes = strings.Split(m, ",")
+	}
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			setCaptureMode(t, ctx, cs, kubectl, mode)
+			captureScenario(t, ctx, l, cs, kubectl, mode)
+		})
+	}
+}
+
+// setCaptureMode sets the node agents' --capture-mode and waits for them
+// to roll out.
+func setCaptureMode(t *testing.T, ctx context.Context, cs kubernetes.Interface, kubectl func(...string) string, mode string) {
+	t.Helper()
+	ds, err := cs.AppsV1().DaemonSets("istio-system").Get(ctx, "ambit-cni-node", metav1.GetOptions{})
+	if err != nil {
 		t.Fatal(err)
 	}
-	kubectl("-n", "cap", "rollout", "status", "deploy/echo", "--timeout=120s")
-	kubectl("-n", "cap", "wait", "--for=condition=Ready", "pod/client", "--timeout=120s")
-	before := podStarts(ctx, t, cs, "cap")
+	args := ds.Spec.Template.Spec.Containers[0].Args
+	args = slices.DeleteFunc(args, func(a string) bool { return strings.HasPrefix(a, "--capture-mode=") })
+	ds.Spec.Template.Spec.Containers[0].Args = append(args, "--capture-mode="+mode)
+	if _, err := cs.AppsV1().DaemonSets("istio-system").Update(ctx, ds, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	kubectl("-n", "istio-system", "rollout", "status", "ds/ambit-cni-node", "--timeout=120s")
+}
+
+// captureInstalled reports whether a pod's namespace has mode's capture.
+func captureInstalled(mode, netns string) (bool, error) {
+	if mode == "nftables" {
+		return nft.Installed(netns)
+	}
+	return bpf.AttachedTo(netns)
+}
+
+// captureLeft describes what either mode left in a released pod's
+// namespace ("" if nothing).
+func captureLeft(netns string) string {
+	var left []string
+	if ok, err := nft.Installed(netns); err != nil || ok {
+		left = append(left, fmt.Sprintf("nft rules (%v)", err))
+	}
+	if ok, err := bpf.AttachedTo(netns); err != nil || ok {
+		left = append(left, fmt.Sprintf("sk_lookup link (%v)", err))
+	}
+	if ok, err := bpfroute.Installed(netns); err != nil || ok {
+		left = append(left, fmt.Sprintf("policy routing (%v)", err))
+	}
+	return strings.Join(left, ", ")
+}
+
+// captureScenario is acceptance 1-5 of capture in one mode, in its own
+// namespaces (cap-<mode>, cap-<mode>-plain), deleted at the end so that the
+// next mode starts from released pods.
+func captureScenario(t *testing.T, ctx context.Context, l *lab.Lab, cs kubernetes.Interface, kubectl func(...string) string, mode string) {
+	ns := "cap-" + mode
+	defer func() {
+		// Only if the scenario passed: a failed run's pods stay up for
+		// AMBIT_KEEP_LAB, and the next mode uses other namespaces.
+		if !t.Failed() {
+			kubectl("delete", "namespace", ns, ns+"-plain", "--wait=true", "--timeout=90s")
+		}
+	}()
+	if err := l.Apply(ctx, []byte(strings.ReplaceAll(captureApps, "NS", ns))); err != nil {
+		t.Fatal(err)
+	}
+	kubectl("-n", ns, "rollout", "status", "deploy/echo", "--timeout=120s")
+	kubectl("-n", ns, "wait", "--for=condition=Ready", "pod/client", "--timeout=120s")
+	before := podStarts(ctx, t, cs, ns)
 
 	// A request loop in the client: one new connection per request,
 	// each line "<unix nanos> <http code>".
-	loop := l.KubectlCmd(ctx, "-n", "cap", "exec", "client", "--", "sh", "-c",
-		`while true; do c=$(curl -s -o /dev/null -m 2 -w '%{http_code}' http://echo.cap.svc.cluster.local/); echo "$(date +%s%N) $c"; done`)
+	loop := l.KubectlCmd(ctx, "-n", ns, "exec", "client", "--", "sh", "-c",
+		`while true; do c=$(curl -s -o /dev/null -m 2 -w '%{http_code}' http://echo.`+ns+`.svc.cluster.local/); echo "$(date +%s%N) $c"; done`)
 	lout, _ := loop.StdoutPipe()
 	if err := loop.Start(); err != nil {
 		t.Fatal(err)
@@ -159,11 +230,11 @@ func TestCapture(t *testing.T) {
 
 	t.Run("label: HBONE within 2s, no failed request, no restart", func(t *testing.T) {
 		labelled := time.Now()
-		kubectl("label", "namespace", "cap", "istio.io/dataplane-mode=ambient")
+		kubectl("label", "namespace", ns, "istio.io/dataplane-mode=ambient")
 		// Every request after the label must succeed; enrolment must be
 		// visible within 2 s (the pods carry the redirection annotation).
 		waitFor(t, 2*time.Second, func() (bool, string) {
-			pods, _ := cs.CoreV1().Pods("cap").List(ctx, metav1.ListOptions{})
+			pods, _ := cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
 			n := 0
 			for _, p := range pods.Items {
 				if p.Annotations["ambient.istio.io/redirection"] == "enabled" {
@@ -183,33 +254,33 @@ func TestCapture(t *testing.T) {
 		if h == 0 || p != 0 {
 			t.Errorf("want HBONE only on the underlay: %d HBONE packets, %d to 8080", h, p)
 		}
-		if after := podStarts(ctx, t, cs, "cap"); after != before {
+		if after := podStarts(ctx, t, cs, ns); after != before {
 			t.Errorf("pods restarted: before %s, after %s", before, after)
 		}
 		// The app sees the client pod as the peer, not its own address:
 		// ztunnel dials it transparently (acceptance 3). Istio's echo
 		// server answers with an "IP=<peer ip>" line, the host of the
 		// request's RemoteAddr.
-		client, err := cs.CoreV1().Pods("cap").Get(ctx, "client", metav1.GetOptions{})
+		client, err := cs.CoreV1().Pods(ns).Get(ctx, "client", metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		out := kubectl("-n", "cap", "exec", "client", "--", "curl", "-s", "-m", "5", "http://echo.cap.svc.cluster.local/")
+		out := kubectl("-n", ns, "exec", "client", "--", "curl", "-s", "-m", "5", "http://echo."+ns+".svc.cluster.local/")
 		if want := "IP=" + client.Status.PodIP; !slices.Contains(strings.Fields(out), want) {
 			t.Errorf("echo does not see the client pod %s as the source: want %q in\n%s", client.Status.PodIP, want, out)
 		}
 	})
 
 	t.Run("unlabel: plaintext again, nothing left in the pods", func(t *testing.T) {
-		kubectl("label", "namespace", "cap", "istio.io/dataplane-mode-")
+		kubectl("label", "namespace", ns, "istio.io/dataplane-mode-")
 		waitFor(t, 10*time.Second, func() (bool, string) {
-			pods, _ := cs.CoreV1().Pods("cap").List(ctx, metav1.ListOptions{})
+			pods, _ := cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
 			for _, p := range pods.Items {
 				if _, ok := p.Annotations["ambient.istio.io/redirection"]; ok {
 					return false, p.Name + " still annotated"
 				}
-				if ok, err := nft.Installed(l.PodNetnsPath(p.UID)); err != nil || ok {
-					return false, fmt.Sprintf("%s: rules still installed (%v)", p.Name, err)
+				if left := captureLeft(l.PodNetnsPath(p.UID)); left != "" {
+					return false, fmt.Sprintf("%s: %s", p.Name, left)
 				}
 			}
 			return true, ""
@@ -222,9 +293,9 @@ func TestCapture(t *testing.T) {
 	})
 
 	t.Run("ztunnel down: no plaintext leak, then traffic resumes", func(t *testing.T) {
-		kubectl("label", "namespace", "cap", "istio.io/dataplane-mode=ambient")
+		kubectl("label", "namespace", ns, "istio.io/dataplane-mode=ambient")
 		waitFor(t, 10*time.Second, func() (bool, string) {
-			p, _ := cs.CoreV1().Pods("cap").Get(ctx, "client", metav1.GetOptions{})
+			p, _ := cs.CoreV1().Pods(ns).Get(ctx, "client", metav1.GetOptions{})
 			return p.Annotations["ambient.istio.io/redirection"] == "enabled", "client not enrolled"
 		})
 		flushLines(lines)
@@ -249,8 +320,49 @@ func TestCapture(t *testing.T) {
 		if h == 0 || p != 0 {
 			t.Errorf("after ztunnel came back: %d HBONE packets, %d to 8080", h, p)
 		}
-		if after := podStarts(ctx, t, cs, "cap"); after != before {
+		if after := podStarts(ctx, t, cs, ns); after != before {
 			t.Errorf("pods restarted: before %s, after %s", before, after)
+		}
+	})
+
+	t.Run("node agent restart: redirection stays, no failed request", func(t *testing.T) {
+		old, err := cs.CoreV1().Pods("istio-system").List(ctx, metav1.ListOptions{LabelSelector: "app=ambit-cni-node", FieldSelector: "spec.nodeName=node-2"})
+		if err != nil || len(old.Items) != 1 {
+			t.Fatalf("node-2's agent: %v (%d pods)", err, len(old.Items))
+		}
+		flushLines(lines)
+		restarted := time.Now()
+		kubectl("-n", "istio-system", "delete", "pod", old.Items[0].Name, "--wait=false")
+		waitFor(t, 60*time.Second, func() (bool, string) {
+			pods, _ := cs.CoreV1().Pods("istio-system").List(ctx, metav1.ListOptions{LabelSelector: "app=ambit-cni-node", FieldSelector: "spec.nodeName=node-2"})
+			for _, p := range pods.Items {
+				if p.UID != old.Items[0].UID && p.Status.Phase == "Running" && p.DeletionTimestamp == nil {
+					for _, c := range p.Status.Conditions {
+						if c.Type == "Ready" && c.Status == "True" {
+							return true, ""
+						}
+					}
+				}
+			}
+			return false, "no new agent on node-2 yet"
+		})
+		back := time.Now()
+		waitForLine(t, lines, 10*time.Second, func(ts int64, code string) bool {
+			if ts > restarted.UnixNano() && code != "200" {
+				t.Errorf("request failed while the agent restarted: %s", code)
+			}
+			return ts > back.UnixNano()+int64(time.Second)
+		})
+		h, p, _ := hbonePackets(false)
+		if h == 0 || p != 0 {
+			t.Errorf("after the agent restart: %d HBONE packets, %d to 8080", h, p)
+		}
+		client, err := cs.CoreV1().Pods(ns).Get(ctx, "client", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok, err := captureInstalled(mode, l.PodNetnsPath(client.UID)); err != nil || !ok {
+			t.Errorf("the client's %s capture is gone after the agent restart: %v", mode, err)
 		}
 	})
 
@@ -258,25 +370,25 @@ func TestCapture(t *testing.T) {
 		kubectlApply(t, ctx, l, `
 apiVersion: v1
 kind: Pod
-metadata: {name: late, namespace: cap}
+metadata: {name: late, namespace: `+ns+`}
 spec:
   nodeName: node-2
   terminationGracePeriodSeconds: 1
   containers:
   - {name: client, image: curlimages/curl, command: [/bin/sleep, infinity]}
 `)
-		kubectl("-n", "cap", "wait", "--for=condition=Ready", "pod/late", "--timeout=60s")
-		p, err := cs.CoreV1().Pods("cap").Get(ctx, "late", metav1.GetOptions{})
+		kubectl("-n", ns, "wait", "--for=condition=Ready", "pod/late", "--timeout=60s")
+		p, err := cs.CoreV1().Pods(ns).Get(ctx, "late", metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
 		if p.Annotations["ambient.istio.io/redirection"] != "enabled" {
 			t.Error("the new pod is not annotated as redirected")
 		}
-		if ok, err := nft.Installed(l.PodNetnsPath(p.UID)); err != nil || !ok {
-			t.Errorf("no capture rules in the new pod: %v", err)
+		if ok, err := captureInstalled(mode, l.PodNetnsPath(p.UID)); err != nil || !ok {
+			t.Errorf("no %s capture in the new pod: %v", mode, err)
 		}
-		out, err := l.KubectlCmd(ctx, "-n", "cap", "exec", "late", "--", "curl", "-sS", "--max-time", "3", "http://echo.cap.svc.cluster.local/").CombinedOutput()
+		out, err := l.KubectlCmd(ctx, "-n", ns, "exec", "late", "--", "curl", "-sS", "--max-time", "3", "http://echo."+ns+".svc.cluster.local/").CombinedOutput()
 		if err != nil || !strings.Contains(string(out), "Hostname=echo-") {
 			t.Errorf("the new pod's request: %v %s", err, out)
 		}
@@ -286,23 +398,23 @@ spec:
 		kubectlApply(t, ctx, l, `
 apiVersion: v1
 kind: Namespace
-metadata: {name: cap-plain}
+metadata: {name: `+ns+`-plain}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: outside, namespace: cap-plain}
+metadata: {name: outside, namespace: `+ns+`-plain}
 spec:
   nodeName: node-2
   terminationGracePeriodSeconds: 1
   containers:
   - {name: client, image: curlimages/curl, command: [/bin/sleep, infinity]}
 `)
-		kubectl("-n", "cap-plain", "wait", "--for=condition=Ready", "pod/outside", "--timeout=60s")
-		p, err := cs.CoreV1().Pods("cap-plain").Get(ctx, "outside", metav1.GetOptions{})
+		kubectl("-n", ns+"-plain", "wait", "--for=condition=Ready", "pod/outside", "--timeout=60s")
+		p, err := cs.CoreV1().Pods(ns+"-plain").Get(ctx, "outside", metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		out := kubectl("-n", "cap-plain", "exec", "outside", "--", "curl", "-s", "-m", "5", "http://echo.cap.svc.cluster.local/")
+		out := kubectl("-n", ns+"-plain", "exec", "outside", "--", "curl", "-s", "-m", "5", "http://echo."+ns+".svc.cluster.local/")
 		if want := "IP=" + p.Status.PodIP; !slices.Contains(strings.Fields(out), want) {
 			t.Errorf("echo does not see the plaintext client %s as the source: want %q in\n%s", p.Status.PodIP, want, out)
 		}

@@ -502,7 +502,7 @@ func enrol(t *testing.T, ctx context.Context, l *lab.Lab, zds map[string]*inpod.
 	var err error
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		err = zds[p.Spec.NodeName].Upsert(string(p.UID), &zdsapi.WorkloadInfo{Name: p.Name, Namespace: p.Namespace, ServiceAccount: sa}, nsPath)
+		err = zds[p.Spec.NodeName].Upsert(string(p.UID), &zdsapi.WorkloadInfo{Name: p.Name, Namespace: p.Namespace, ServiceAccount: sa}, nsPath, nil)
 		if err == nil || time.Now().After(deadline) {
 			break
 		}

@@ -35,6 +35,8 @@ func run() error {
 		confDir      = flag.String("cni-conf-dir", "/etc/cni/net.d", "the node's CNI conf dir")
 		binDir       = flag.String("cni-bin-dir", "/opt/cni/bin", "the node's CNI plugin dir")
 		plugin       = flag.String("plugin-binary", cni.PluginType, "the plugin binary to install (a path, or a name looked up in PATH)")
+		mode         = flag.String("capture-mode", string(nodeagent.ModeEBPF), "how pods' traffic is redirected to ztunnel: ebpf (sk_lookup and policy routing) or nftables (for kernels without sk_lookup)")
+		pinDir       = flag.String("bpf-pin-dir", nodeagent.DefaultPinDir, "eBPF mode: where each pod's program, link and maps are pinned (on a bpffs), so redirection outlives an agent restart")
 	)
 	flag.Parse()
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
@@ -56,7 +58,10 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	agent, err := nodeagent.New(nodeagent.Options{NodeName: node, Client: client, ZDSSocket: *zdsSocket, Log: log})
+	agent, err := nodeagent.New(nodeagent.Options{
+		NodeName: node, Client: client, ZDSSocket: *zdsSocket, Log: log,
+		Mode: nodeagent.Mode(*mode), PinDir: *pinDir,
+	})
 	if err != nil {
 		return err
 	}

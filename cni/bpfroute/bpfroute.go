@@ -5,7 +5,7 @@
 // to ztunnel's transparent dials back to ztunnel:
 //
 //   - outbound: every TCP packet the pod sends that ztunnel did not mark
-//     (Mark) looks up OutboundTable, where every address is local
+//     (Mark; those go to the main table) looks up OutboundTable, where every address is local
 //     ("local default dev lo src <pod IP>"): it loops back through lo, and
 //     the sk_lookup program hands it to ztunnel's outbound listener, whose
 //     accepted socket keeps the original destination as its local address.
@@ -36,19 +36,30 @@ import (
 	"github.com/ambitmesh/ambit/ztunnel/inpod"
 )
 
-// Marks, tables and rule preferences. InboundTable and InboundPref are
-// Istio's (table 133, pref 32764), shared with nftables mode.
+// Marks, tables and rule preferences, all before the main table's 32766.
+// ztunnel's own sockets are sent to the main table by a rule of their own:
+// one "not fwmark ... ipproto tcp" rule would not do, as "not" inverts the
+// whole selector and would catch the pod's UDP (DNS) too.
 const (
 	Mark          = inpod.Mark
 	InboundMark   = inpod.InboundMark
-	InboundTable  = 133
-	InboundPref   = 32764
+	InboundTable  = 133 // Istio's
 	OutboundTable = 134
-	OutboundPref  = 32765
+	InboundPref   = 32761
+	ExemptPref    = 32762
+	OutboundPref  = 32763
+	mainTable     = 254
 	markMask      = 0xfff
 )
 
-const fwmarkAccept = "/proc/sys/net/ipv4/tcp_fwmark_accept"
+const (
+	fwmarkAccept = "/proc/sys/net/ipv4/tcp_fwmark_accept"
+	// acceptLocal: the reverse-path check of every packet the pod
+	// receives looks up its source like a locally generated TCP packet,
+	// which OutboundTable calls local; without accept_local the kernel
+	// drops every inbound TCP packet as a martian.
+	acceptLocal = "/proc/sys/net/ipv4/conf/all/accept_local"
+)
 
 // Apply installs the routing in the network namespace at netnsPath for a
 // pod with addresses podIPs (the first IPv4 one is the source of its
@@ -84,7 +95,7 @@ func Apply(netnsPath string, podIPs, probeSources []netip.Addr) error {
 			return fmt.Errorf("adding route %s in %s: %w", r, netnsPath, err)
 		}
 	}
-	if err := setFwmarkAccept(netnsPath, "1"); err != nil {
+	if err := setSysctls(netnsPath, "1"); err != nil {
 		return err
 	}
 	// Rules last: once they are in, everything they send somewhere has
@@ -136,7 +147,7 @@ func Remove(netnsPath string) error {
 			}
 		}
 	}
-	return setFwmarkAccept(netnsPath, "0")
+	return setSysctls(netnsPath, "0")
 }
 
 // Installed reports whether any of the rules or routes is present.
@@ -151,7 +162,7 @@ func Installed(netnsPath string) (bool, error) {
 		return false, err
 	}
 	for _, r := range rs {
-		if r.Table == InboundTable || r.Table == OutboundTable {
+		if r.Table == InboundTable || r.Table == OutboundTable || r.Priority == ExemptPref {
 			return true, nil
 		}
 	}
@@ -171,10 +182,11 @@ func rules() []*netlink.Rule {
 	mask := uint32(markMask)
 	in := netlink.NewRule()
 	in.Family, in.Priority, in.Table, in.Mark, in.Mask = netlink.FAMILY_V4, InboundPref, InboundTable, InboundMark, &mask
+	exempt := netlink.NewRule()
+	exempt.Family, exempt.Priority, exempt.Table, exempt.Mark, exempt.Mask = netlink.FAMILY_V4, ExemptPref, mainTable, Mark, &mask
 	out := netlink.NewRule()
-	out.Family, out.Priority, out.Table, out.Mark, out.Mask = netlink.FAMILY_V4, OutboundPref, OutboundTable, Mark, &mask
-	out.Invert, out.IPProto = true, unix.IPPROTO_TCP
-	return []*netlink.Rule{in, out}
+	out.Family, out.Priority, out.Table, out.IPProto = netlink.FAMILY_V4, OutboundPref, OutboundTable, unix.IPPROTO_TCP
+	return []*netlink.Rule{in, exempt, out}
 }
 
 func anyV4() *net.IPNet { return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)} }
@@ -199,17 +211,19 @@ func open(netnsPath string) (*netlink.Handle, int, func(), error) {
 	return h, lo.Attrs().Index, done, nil
 }
 
-// setFwmarkAccept writes the namespace's net.ipv4.tcp_fwmark_accept: net
-// sysctls are those of the namespace of the thread that opens them.
-func setFwmarkAccept(netnsPath, v string) error {
+// setSysctls writes the namespace's tcp_fwmark_accept and accept_local:
+// net sysctls are those of the namespace of the thread that opens them.
+func setSysctls(netnsPath, v string) error {
 	ns, err := inpod.OpenNetNS(netnsPath)
 	if err != nil {
 		return err
 	}
 	defer func() { _ = ns.Close() }()
 	return ns.Do(func() error {
-		if err := os.WriteFile(fwmarkAccept, []byte(v), 0); err != nil {
-			return fmt.Errorf("setting tcp_fwmark_accept in %s: %w", netnsPath, err)
+		for _, p := range []string{fwmarkAccept, acceptLocal} {
+			if err := os.WriteFile(p, []byte(v), 0); err != nil {
+				return fmt.Errorf("setting %s in %s: %w", p, netnsPath, err)
+			}
 		}
 		return nil
 	})

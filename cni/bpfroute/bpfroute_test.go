@@ -27,6 +27,7 @@ func newNetns(t *testing.T) (name, path string) {
 	ip(t, "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
 	ip(t, "-n", name, "link", "set", "eth0", "up")
 	ip(t, "-n", name, "addr", "add", "10.99.0.2/32", "dev", "eth0")
+	ip(t, "-n", name, "route", "add", "default", "dev", "eth0")
 	return name, "/run/netns/" + name
 }
 
@@ -62,8 +63,9 @@ func TestApplyRemove(t *testing.T) {
 	}
 	rules := ip(t, "-n", name, "-4", "rule", "show")
 	for _, want := range []string{
-		"32764:\tfrom all fwmark 0x111/0xfff lookup 133",
-		"32765:\tnot from all fwmark 0x539/0xfff ipproto tcp lookup 134",
+		"32761:\tfrom all fwmark 0x111/0xfff lookup 133",
+		"32762:\tfrom all fwmark 0x539/0xfff lookup main",
+		"32763:\tfrom all ipproto tcp lookup 134",
 	} {
 		if strings.Count(rules, want) != 1 {
 			t.Errorf("rules:\n%s\nwant exactly one %q", rules, want)
@@ -77,6 +79,21 @@ func TestApplyRemove(t *testing.T) {
 	} {
 		if !strings.Contains(routes, want) {
 			t.Errorf("routes:\n%s\nwant %q", routes, want)
+		}
+	}
+	// Where the pod's packets go: TCP to lo (captured), UDP (DNS) and
+	// ztunnel's marked TCP out through eth0, the app's replies to
+	// transparent dials to lo, replies to probes out through eth0.
+	for _, tc := range []struct{ args, want string }{
+		{"10.1.2.3 from 10.99.0.2 ipproto tcp", "local 10.1.2.3 "},
+		{"10.1.2.3 from 10.99.0.2 ipproto udp", "10.1.2.3 from 10.99.0.2 dev eth0"},
+		{"10.1.2.3 from 10.99.0.2 ipproto tcp mark 0x539", "10.1.2.3 from 10.99.0.2 dev eth0"},
+		{"10.1.2.3 from 10.99.0.2 ipproto tcp mark 0x111", "local 10.1.2.3 "},
+		{"10.99.0.1 from 10.99.0.2 ipproto tcp", "10.99.0.1 from 10.99.0.2 dev eth0"},
+	} {
+		got := ip(t, append([]string{"-n", name, "-4", "route", "get"}, strings.Fields(tc.args)...)...)
+		if !strings.HasPrefix(got, tc.want) {
+			t.Errorf("route get %s = %q, want prefix %q", tc.args, got, tc.want)
 		}
 	}
 	if got := sysctl(t, name); got != "1" {
@@ -93,7 +110,7 @@ func TestApplyRemove(t *testing.T) {
 	if ok, err := Installed(path); err != nil || ok {
 		t.Fatalf("Installed = %v, %v after Remove", ok, err)
 	}
-	if rules := ip(t, "-n", name, "-4", "rule", "show"); strings.Contains(rules, "lookup 13") {
+	if rules := ip(t, "-n", name, "-4", "rule", "show"); strings.Contains(rules, "lookup 13") || strings.Contains(rules, "0x539") {
 		t.Errorf("rules left:\n%s", rules)
 	}
 	if got := sysctl(t, name); got != "0" {

@@ -7,8 +7,11 @@
 // enrolled by the chained CNI plugin before they start (the plugin asks the
 // agent over a Unix socket, cni.AddPath).
 //
-// It redirects with nftables (package nft) for now; the eBPF mode is not
-// built yet. It does not proxy anything: ztunnel does.
+// It redirects in one of two modes, chosen per node with a flag: eBPF (the
+// default: an sk_lookup program from package bpf, plus the policy routing
+// of package bpfroute) or nftables (package nft, for kernels without
+// sk_lookup). Either way everything is inside the pod's network namespace.
+// It does not proxy anything: ztunnel does.
 package nodeagent
 
 import (
@@ -18,8 +21,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"sync"
 
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -32,6 +38,8 @@ import (
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/ambitmesh/ambit/api/zdsapi"
+	"github.com/ambitmesh/ambit/bpf"
+	"github.com/ambitmesh/ambit/cni/bpfroute"
 	"github.com/ambitmesh/ambit/cni/nft"
 	"github.com/ambitmesh/ambit/ztunnel/inpod"
 )
@@ -57,6 +65,19 @@ func Enrolled(nsLabels, podLabels map[string]string) bool {
 	return nsLabels[LabelDataplaneMode] == DataplaneModeAmbient
 }
 
+// Mode is how the agent redirects an enrolled pod's traffic.
+type Mode string
+
+// Capture modes.
+const (
+	ModeEBPF     Mode = "ebpf"
+	ModeNFTables Mode = "nftables"
+)
+
+// DefaultPinDir is where eBPF mode pins each pod's objects, one directory
+// per pod UID.
+const DefaultPinDir = "/sys/fs/bpf/ambit"
+
 // Options configures the agent.
 type Options struct {
 	NodeName string
@@ -64,6 +85,10 @@ type Options struct {
 	// ZDSSocket is where ztunnel connects (/var/run/ztunnel/ztunnel.sock).
 	ZDSSocket string
 	Log       *slog.Logger
+	// Mode is the capture mode (default ModeEBPF).
+	Mode Mode
+	// PinDir is the eBPF mode's pin directory (default DefaultPinDir).
+	PinDir string
 }
 
 // Agent is a running node agent.
@@ -88,6 +113,15 @@ type enrolment struct {
 
 // New returns an agent; Run starts it.
 func New(opts Options) (*Agent, error) {
+	if opts.Mode == "" {
+		opts.Mode = ModeEBPF
+	}
+	if opts.Mode != ModeEBPF && opts.Mode != ModeNFTables {
+		return nil, fmt.Errorf("unknown capture mode %q: want %q or %q", opts.Mode, ModeEBPF, ModeNFTables)
+	}
+	if opts.PinDir == "" {
+		opts.PinDir = DefaultPinDir
+	}
 	zds, err := inpod.NewServer(opts.ZDSSocket, opts.Log.With("component", "zds"))
 	if err != nil {
 		return nil, err
@@ -151,7 +185,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	all.Start(ctx.Done())
 	onNode.WaitForCacheSync(ctx.Done())
 	all.WaitForCacheSync(ctx.Done())
-	a.log.Info("node agent running", "node", a.opts.NodeName, "mode", "nftables", "zds", a.opts.ZDSSocket)
+	a.log.Info("node agent running", "node", a.opts.NodeName, "mode", a.opts.Mode, "zds", a.opts.ZDSSocket)
 	go func() { <-ctx.Done(); a.queue.ShutDown() }()
 	for a.next(ctx) {
 	}
@@ -202,6 +236,14 @@ func (a *Agent) sync(ctx context.Context, key types.NamespacedName) error {
 		return a.enrol(ctx, pod, netns)
 	case !want && have:
 		return a.release(ctx, pod, cur.netns)
+	case !want && pod.Annotations[AnnotationRedirection] == "enabled" && pod.DeletionTimestamp == nil && pod.Status.PodIP != "":
+		// Enrolled by an earlier run of the agent and no longer wanted
+		// (say the label went while the agent was down).
+		netns, err := FindNetns(podIP(pod))
+		if err != nil {
+			return err
+		}
+		return a.release(ctx, pod, netns)
 	}
 	return nil
 }
@@ -236,10 +278,27 @@ func (a *Agent) enrol(ctx context.Context, pod *corev1.Pod, netns string) error 
 		sa = "default"
 	}
 	info := &zdsapi.WorkloadInfo{Name: pod.Name, Namespace: pod.Namespace, ServiceAccount: sa}
-	if err := a.zds.Upsert(string(pod.UID), info, netns); err != nil && !errors.Is(err, inpod.ErrNoZtunnel) {
+	var sockmap *os.File
+	if a.opts.Mode == ModeEBPF {
+		// The program drops what it would steer while ztunnel's
+		// listeners are not in its map: attached before ztunnel has
+		// them, inbound connections wait (their SYNs are retried)
+		// instead of reaching the app in plaintext.
+		var err error
+		if sockmap, err = a.attachBPF(pod, netns); err != nil {
+			return err
+		}
+	}
+	if err := a.zds.Upsert(string(pod.UID), info, netns, sockmap); err != nil && !errors.Is(err, inpod.ErrNoZtunnel) {
 		return fmt.Errorf("handing %s/%s to ztunnel: %w", pod.Namespace, pod.Name, err)
 	}
-	if err := nft.Apply(netns, probeSources(pod)); err != nil {
+	var err error
+	if a.opts.Mode == ModeEBPF {
+		err = bpfroute.Apply(netns, podIPs(pod), probeSources(pod))
+	} else {
+		err = nft.Apply(netns, probeSources(pod))
+	}
+	if err != nil {
 		return err
 	}
 	a.mu.Lock()
@@ -248,13 +307,21 @@ func (a *Agent) enrol(ctx context.Context, pod *corev1.Pod, netns string) error 
 	if err := a.annotate(ctx, pod, true); err != nil {
 		return err
 	}
-	a.log.Info("pod enrolled", "pod", pod.Namespace+"/"+pod.Name, "netns", netns)
+	a.log.Info("pod enrolled", "pod", pod.Namespace+"/"+pod.Name, "netns", netns, "mode", a.opts.Mode)
 	return nil
 }
 
 // release removes the redirection first, then tells ztunnel, so that no
-// connection is redirected to listeners that are going away.
+// connection is redirected to listeners that are going away. It removes
+// what either mode installs, so that pods enrolled before a mode change
+// are released cleanly.
 func (a *Agent) release(ctx context.Context, pod *corev1.Pod, netns string) error {
+	if err := bpfroute.Remove(netns); err != nil {
+		return err
+	}
+	if err := bpf.Detach(a.pinDir(pod.UID)); err != nil {
+		return err
+	}
 	if err := nft.Remove(netns); err != nil {
 		return err
 	}
@@ -287,7 +354,44 @@ func (a *Agent) forgetByName(key types.NamespacedName) {
 	a.mu.Unlock()
 	for _, uid := range gone {
 		_ = a.zds.Remove(string(uid))
+		if err := bpf.Detach(a.pinDir(uid)); err != nil {
+			a.log.Warn("removing a deleted pod's pins", "uid", uid, "error", err)
+		}
 	}
+}
+
+// pinDir is where a pod's eBPF objects are pinned.
+func (a *Agent) pinDir(uid types.UID) string { return filepath.Join(a.opts.PinDir, string(uid)) }
+
+// attachBPF attaches the sk_lookup program to the pod's namespace (or
+// finds it pinned from an earlier run) and returns the listener map for
+// ztunnel.
+func (a *Agent) attachBPF(pod *corev1.Pod, netns string) (*os.File, error) {
+	r, err := bpf.Attach(netns, a.pinDir(pod.UID), bpf.Config{PodIPs: podIPs(pod), ProbeSources: probeSources(pod)})
+	if err != nil {
+		return nil, fmt.Errorf("attaching the capture program to %s/%s: %w", pod.Namespace, pod.Name, err)
+	}
+	defer func() { _ = r.Close() }() // the pins hold it
+	fd, err := unix.Dup(r.SockMap().FD())
+	if err != nil {
+		return nil, fmt.Errorf("duplicating the listener map's fd: %w", err)
+	}
+	// The ZDS server owns the file from here.
+	return os.NewFile(uintptr(fd), "sockmap"), nil
+}
+
+// podIPs are the pod's addresses.
+func podIPs(pod *corev1.Pod) []netip.Addr {
+	var out []netip.Addr
+	for _, p := range pod.Status.PodIPs {
+		if ip, err := netip.ParseAddr(p.IP); err == nil {
+			out = append(out, ip)
+		}
+	}
+	if len(out) == 0 && podIP(pod).IsValid() {
+		out = append(out, podIP(pod))
+	}
+	return out
 }
 
 // annotate sets or clears ambient.istio.io/redirection: enabled.

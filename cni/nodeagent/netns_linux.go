@@ -23,7 +23,10 @@ var ErrNoNetns = errors.New("no network namespace holds the pod's address")
 // FindNetns finds the network namespace of a running pod from its IP, as
 // Istio's node agent does for pods that were running before it: it looks at
 // the namespace of every process on the node (each namespace once) for an
-// interface with that address, and returns a /proc/<pid>/ns/net path to it.
+// interface with that address whose other end (a veth peer, a macvlan's
+// parent) is in the agent's own namespace, the node's, and returns a
+// /proc/<pid>/ns/net path to it. The last condition matters where one
+// machine holds several clusters' pods with the same addresses (the lab).
 func FindNetns(ip netip.Addr) (string, error) {
 	if !ip.IsValid() {
 		return "", errors.New("pod has no IP yet")
@@ -71,10 +74,25 @@ func netnsHasAddr(path string, ip netip.Addr) (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	self, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		return false, err
+	}
+	defer func() { _ = self.Close() }() // read-only
 	for _, a := range addrs {
-		if got, ok := netip.AddrFromSlice(a.IP); ok && got.Unmap() == ip.Unmap() {
+		if got, ok := netip.AddrFromSlice(a.IP); !ok || got.Unmap() != ip.Unmap() {
+			continue
+		}
+		l, err := nl.LinkByIndex(a.LinkIndex)
+		if err != nil {
+			return false, err
+		}
+		peer := l.Attrs().NetNsID
+		if peer < 0 { // no other end to check
 			return true, nil
 		}
+		ours, err := nl.GetNetNsIdByFd(int(self.Fd()))
+		return err == nil && ours == peer, err
 	}
 	return false, nil
 }

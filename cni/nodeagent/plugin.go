@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -74,6 +75,14 @@ func (a *Agent) pluginAdd(w http.ResponseWriter, r *http.Request) {
 	}
 	if len(pod.Status.HostIPs) == 0 && pod.Status.HostIP == "" {
 		pod.Status.HostIP = a.nodeIP
+	}
+	// kubelet reports the pod's addresses only after the sandbox is up:
+	// take them from the primary plugin's result.
+	if len(pod.Status.PodIPs) == 0 && len(req.IPs) > 0 {
+		for _, ip := range req.IPs {
+			pod.Status.PodIPs = append(pod.Status.PodIPs, corev1.PodIP{IP: ip.String()})
+		}
+		pod.Status.PodIP = req.IPs[0].String()
 	}
 	if err := a.enrol(r.Context(), pod, req.Netns); err != nil {
 		pluginError(w, http.StatusInternalServerError, fmt.Sprintf("enrolling pod %s/%s: %v", pod.Namespace, pod.Name, err))

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -134,7 +135,11 @@ func (n *NetNS) Listen(ctx context.Context, addr string) (net.Listener, error) {
 		}}
 		lc.SetMultipathTCP(false)
 		var err error
-		ln, err = lc.Listen(ctx, "tcp", addr)
+		network := "tcp"
+		if strings.HasPrefix(addr, "0.0.0.0:") {
+			network = "tcp4" // "tcp" would listen on [::], dual-stack
+		}
+		ln, err = lc.Listen(ctx, network, addr)
 		return err
 	})
 	if err != nil {

@@ -69,10 +69,22 @@ func New(opts Options) *Proxy {
 	return p
 }
 
-// Add starts serving a pod inside its network namespace.
+// Add starts serving a pod inside its network namespace. A pod already
+// served in the same namespace (the node agent sends every pod again when
+// either side reconnects) keeps its listeners and connections; its
+// listeners go into the listener map it comes with, if any.
 func (p *Proxy) Add(ctx context.Context, uid string, info *zdsapi.WorkloadInfo, netns *inpod.NetNS) error {
 	p.mu.Lock()
 	old := p.workloads[uid]
+	if old != nil && old.netns.SameNamespace(netns) {
+		p.mu.Unlock()
+		old.netns.Adopt(netns)
+		if err := old.registerListeners(); err != nil {
+			return fmt.Errorf("serving %s/%s: %w", info.GetNamespace(), info.GetName(), err)
+		}
+		p.log.Info("workload already served", "uid", uid, "workload", info.GetNamespace()+"/"+info.GetName())
+		return nil
+	}
 	delete(p.workloads, uid)
 	p.mu.Unlock()
 	if old != nil {

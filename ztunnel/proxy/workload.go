@@ -12,12 +12,16 @@ import (
 	"net/netip"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sys/unix"
 
 	"github.com/ambitmesh/ambit/api/workloadapi"
 	"github.com/ambitmesh/ambit/api/zdsapi"
+	"github.com/ambitmesh/ambit/bpf"
 	"github.com/ambitmesh/ambit/ztunnel/hbone"
 	"github.com/ambitmesh/ambit/ztunnel/inpod"
 	"github.com/ambitmesh/ambit/ztunnel/rbac"
@@ -40,6 +44,7 @@ type workloadProxy struct {
 	ctx       context.Context
 	cancel    context.CancelFunc
 	listeners []net.Listener
+	ports     []int // each listener's port
 	pool      *hbone.Pool
 	server    *hbone.Server
 	wg        sync.WaitGroup
@@ -87,14 +92,26 @@ func startWorkload(p *Proxy, uid string, info *zdsapi.WorkloadInfo, netns *inpod
 		{HBONEPort, func(ln net.Listener) { _ = w.server.Serve(ln) }},
 	}
 	for _, s := range serve {
-		ln, err := netns.Listen(ctx, ":"+strconv.Itoa(s.port))
+		// eBPF capture hands IPv4 connections to the listeners
+		// through bpf_sk_assign, which takes IPv4 sockets: listen on
+		// IPv4 there (the mode is IPv4 only).
+		addr := ":" + strconv.Itoa(s.port)
+		if netns.SockMap() != nil {
+			addr = "0.0.0.0" + addr
+		}
+		ln, err := netns.Listen(ctx, addr)
 		if err != nil {
 			w.stop()
 			return nil, err
 		}
 		w.listeners = append(w.listeners, ln)
+		w.ports = append(w.ports, s.port)
 		w.wg.Add(1)
 		go func() { defer w.wg.Done(); s.f(ln) }()
+	}
+	if err := w.registerListeners(); err != nil {
+		w.stop()
+		return nil, err
 	}
 	// Fetch the certificate now, not on the first connection.
 	go func() {
@@ -103,6 +120,52 @@ func startWorkload(p *Proxy, uid string, info *zdsapi.WorkloadInfo, netns *inpod
 		}
 	}()
 	return w, nil
+}
+
+// registerListeners registers every listener (see registerListener).
+func (w *workloadProxy) registerListeners() error {
+	for i, ln := range w.listeners {
+		if err := w.registerListener(w.ports[i], ln); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// registerListener puts the outbound and inbound plaintext listeners into
+// the pod's listener map when the node agent captures the pod with eBPF
+// (the sk_lookup program steers connections to them). A listener leaves
+// the map by itself when it closes, so a stopped ztunnel leaves an empty
+// map: the program then drops what it would steer (fail closed).
+func (w *workloadProxy) registerListener(port int, ln net.Listener) error {
+	f := w.netns.SockMap()
+	if f == nil {
+		return nil
+	}
+	slot := map[int]uint32{OutboundPort: bpf.SlotOutbound, PlaintextPort: bpf.SlotInbound}
+	s, ok := slot[port]
+	if !ok {
+		return nil
+	}
+	// NewMapFromFD owns the fd it gets: give it a copy, NetNS keeps
+	// and closes its own.
+	fd, err := unix.Dup(int(f.Fd()))
+	if err != nil {
+		return fmt.Errorf("duplicating the pod's listener map fd: %w", err)
+	}
+	m, err := ebpf.NewMapFromFD(fd)
+	if err != nil {
+		return fmt.Errorf("opening the pod's listener map: %w", err)
+	}
+	defer func() { _ = m.Close() }() // the socket stays in the map
+	sc, ok := ln.(syscall.Conn)
+	if !ok {
+		return fmt.Errorf("listener on %d has no socket", port)
+	}
+	if err := bpf.RegisterListener(m, s, sc); err != nil {
+		return fmt.Errorf("registering the listener on %d: %w", port, err)
+	}
+	return nil
 }
 
 // stop closes the listeners and every connection of the pod.

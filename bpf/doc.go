@@ -1,23 +1,30 @@
-// Package bpf captures an ambient-mode pod's TCP traffic for ztunnel with one
-// sk_lookup program attached to the pod's network namespace (redirect.c). It
-// is the only package that imports cilium/ebpf.
+// Package bpf captures an ambient-mode pod's TCP traffic for ztunnel with two
+// programs (redirect.c): an sk_lookup program attached to the pod's network
+// namespace for outbound, and a tc program attached (tcx ingress) to the pod's
+// interface for inbound. It is the only package that imports cilium/ebpf.
 //
 // ztunnel runs its in-pod listeners inside the pod's netns and puts the
 // outbound one (:15001) and the inbound plaintext one (:15006) into the
-// program's SOCKMAP (RegisterListener). The program then decides, for each
-// new TCP connection looking for a listener in that netns:
+// programs' SOCKMAP (RegisterListener). Then:
 //
-//   - to the pod's own address, arriving from outside the pod: ztunnel's
-//     inbound listener, except HBONE (15008, ztunnel's own listener) and
-//     kubelet probes, which reach their listeners directly;
-//   - to any other address, arriving on lo: ztunnel's outbound listener. The
-//     pod's own connections arrive that way because of policy routing the node
-//     agent installs in the netns: TCP that ztunnel has not marked is routed by
-//     an ip rule to a table with "local 0.0.0.0/0 dev lo", so it loops back and
-//     is looked up locally with the original destination as the local address,
-//     which ztunnel then reads as its accepted socket's LocalAddr;
-//   - everything else (loopback, the pod talking to itself, UDP, IPv6) is left
-//     alone.
+//   - inbound (tc): a SYN arriving on the pod's interface for the pod's own
+//     address goes to ztunnel's inbound listener (bpf_sk_assign), except
+//     HBONE (15008, ztunnel's own listener) and kubelet probes, which reach
+//     their listeners directly. The connection's later packets find the
+//     accepted socket by the usual lookup. Inbound is decided here and not
+//     in sk_lookup because sk_lookup reports the pod's interface as the
+//     ingress of local traffic to the pod's address too (the pod talking to
+//     itself, and ztunnel's transparent dials to the app), so it cannot tell
+//     them from connections from outside;
+//   - outbound (sk_lookup): a connection to any other address, arriving on
+//     lo, goes to ztunnel's outbound listener. The pod's own connections
+//     arrive that way because of policy routing the node agent installs in
+//     the netns (cni/bpfroute): TCP that ztunnel has not marked is routed to
+//     a table with "local 0.0.0.0/0 dev lo", so it loops back and is looked
+//     up locally with the original destination as the local address, which
+//     ztunnel reads as its accepted socket's LocalAddr;
+//   - everything else (loopback, the pod talking to itself, UDP, IPv6) is
+//     left alone.
 //
 // Why this shape:
 //   - Everything stays inside the pod's netns: the program, the routing and
@@ -30,8 +37,9 @@
 //     ztunnel is not running the slot is empty and the program drops the SYN:
 //     the client retries until ztunnel is back, and traffic waits rather than
 //     leaves the pod unproxied.
-//   - The attachment is a bpf_link pinned on a bpffs with its maps (Attach), so
-//     it outlives the node agent process and is not re-created on a restart.
+//   - The attachments are bpf_links pinned on a bpffs with the maps (Attach),
+//     so they outlive the node agent process and are not re-created on a
+//     restart (unless the pod's interface changed under the tcx link).
 //
 // What it does not do: routing (the node agent installs the ip rule and
 // route), listening (ztunnel owns its sockets; they must be plain TCP, not

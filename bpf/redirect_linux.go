@@ -70,6 +70,19 @@ func Attach(netnsPath, pinDir string, cfg Config) (*Redirection, error) {
 	if err != nil {
 		return nil, err
 	}
+	if r != nil && !r.tcxOn(netnsPath, pod) {
+		// The pod's interface was re-created or the address moved: a
+		// tcx link left on nothing would let inbound through. Start
+		// again.
+		_ = r.Close()
+		if err := Detach(pinDir); err != nil {
+			return nil, err
+		}
+		if err := os.MkdirAll(pinDir, 0o700); err != nil {
+			return nil, fmt.Errorf("creating pin directory: %w", err)
+		}
+		r = nil
+	}
 	if r == nil {
 		return attachNew(netnsPath, pinDir, val)
 	}
@@ -78,6 +91,17 @@ func Attach(netnsPath, pinDir string, cfg Config) (*Redirection, error) {
 		return nil, fmt.Errorf("writing config: %w", err)
 	}
 	return r, nil
+}
+
+// tcxOn reports whether r's tcx link is attached to the interface that
+// holds the pod's address.
+func (r *Redirection) tcxOn(netnsPath string, pod [maxAddrs]uint32) bool {
+	info, err := r.tcx.Info()
+	if err != nil || info.TCX() == nil {
+		return false
+	}
+	ifindex, err := podInterface(netnsPath, pod)
+	return err == nil && info.TCX().Ifindex != 0 && int(info.TCX().Ifindex) == ifindex
 }
 
 // openPinned reopens the redirection pinned in pinDir. It returns nil and no

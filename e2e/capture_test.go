@@ -137,7 +137,8 @@ func setCaptureMode(t *testing.T, ctx context.Context, cs kubernetes.Interface, 
 	}
 	args := ds.Spec.Template.Spec.Containers[0].Args
 	args = slices.DeleteFunc(args, func(a string) bool { return strings.HasPrefix(a, "--capture-mode=") })
-	ds.Spec.Template.Spec.Containers[0].Args = append(args, "--capture-mode="+mode)
+	args = append(args, "--capture-mode="+mode)
+	ds.Spec.Template.Spec.Containers[0].Args = args
 	if _, err := cs.AppsV1().DaemonSets("istio-system").Update(ctx, ds, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}

@@ -189,16 +189,18 @@ func ruleArgs(verb string) []string {
 		"pref", strconv.Itoa(RulePref), "lookup", strconv.Itoa(RouteTable)}
 }
 
-// addRouting installs the rule and the route; it is idempotent (the rule
-// is deleted first, as ip rule add would add a duplicate).
+// addRouting installs the route and the rule; it is idempotent. A rule
+// already there stays: deleting and adding it again would, for a moment,
+// send the app's replies to transparent dials out through eth0 (Apply runs
+// again when the agent restarts).
 func (n *netns) addRouting() error {
-	if err := n.delRule(); err != nil {
+	if _, err := n.ip("-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", strconv.Itoa(RouteTable)); err != nil {
 		return err
 	}
-	if _, err := n.ip(ruleArgs("add")...); err != nil {
+	if ok, err := n.routingInstalled(); err != nil || ok {
 		return err
 	}
-	_, err := n.ip("-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", strconv.Itoa(RouteTable))
+	_, err := n.ip(ruleArgs("add")...)
 	return err
 }
 

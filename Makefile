@@ -62,15 +62,16 @@ $(BIN)/echo-server $(BIN)/echo-client &: e2e/apps/go.mod e2e/apps/go.sum
 	  echo "build: echo apps took $$(( $$(date +%s) - t ))s"
 
 .PHONY: generate
-generate: deps ## Regenerate committed generated files (Gateway API CRDs, workload API and ZDS protobuf).
+generate: deps ## Regenerate committed generated files (Gateway API CRDs, workload API and ZDS protobuf, BPF objects).
 	hack/gateway-api-crds.sh
 	hack/istio-protos.sh
 	hack/istio-crds.sh
+	go generate ./bpf/...
 
 .PHONY: verify
 verify: generate ## Fail if `make generate` changes anything.
-	@git diff --exit-code -- deploy api || { echo "verify: generated files are stale: run make generate and commit"; exit 1; }
-	@test -z "$$(git status --porcelain -- deploy api)" || { git status --porcelain -- deploy api; echo "verify: untracked generated files"; exit 1; }
+	@git diff --exit-code -- deploy api bpf || { echo "verify: generated files are stale: run make generate and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- deploy api bpf)" || { git status --porcelain -- deploy api bpf; echo "verify: untracked generated files"; exit 1; }
 
 .PHONY: lint
 lint: $(BIN)/golangci-lint-$(GOLANGCI_LINT) ## go vet, and golangci-lint (pinned) with .golangci.yml; LINT_PKGS narrows it.

@@ -91,6 +91,9 @@ test: build ## Run every test: unit tests, then the lab end-to-end tests (root n
 	go vet ./...
 	AMBIT_BIN_DIR=$(BIN) go test $(GO_TEST_FLAGS) -timeout 25m ./...
 	go -C e2e/interop test $(GO_TEST_FLAGS) ./...  # HBONE against Istio's own peers
+	go -C e2e/bench vet ./...
+	go -C e2e/bench build -o $(BIN)/ fortio.org/fortio ./cmd/benchnet  # what the bench runs in pods
+	AMBIT_BIN_DIR=$(BIN) go -C e2e/bench test $(GO_TEST_FLAGS) -timeout 15m ./...  # make bench, smoke version
 
 .PHONY: e2e
 e2e: build ## Run only the lab end-to-end tests.
@@ -105,9 +108,17 @@ demo: build ## Bring the lab up with Ambit installed from deploy/, and leave it 
 demo-down: ## Stop the demo lab and remove everything it made.
 	@test ! -x $(BIN)/lab || $(BIN)/lab down --name $(LAB_NAME)
 
+# make bench's knobs: runs per figure (each figure is their median), where
+# the JSON goes, and more flags for bin/ambit-bench (`bin/ambit-bench -h`),
+# e.g. BENCH_FLAGS=--capture-mode=nftables.
+BENCH_RUNS     ?= 5
+BENCH_OUT      ?= $(CURDIR)/bench-results.json
+BENCH_FLAGS    ?=
+
 .PHONY: bench
-bench: build ## Measure the mesh against plain TCP in the lab (not yet: see the bench issue).
-	@echo "bench: the mesh does not exist yet; see the bench issue" >&2; exit 1
+bench: build ## Measure Ambit against plain TCP and stunnel in a lab of its own: tables on stdout, JSON in BENCH_OUT (root).
+	go -C e2e/bench build -o $(BIN)/ fortio.org/fortio ./cmd/benchnet ./cmd/ambit-bench
+	$(BIN)/ambit-bench --bin-dir $(BIN) --runs $(BENCH_RUNS) --out $(BENCH_OUT) $(BENCH_FLAGS)
 
 .PHONY: clean
 clean: ## Remove bin/ except the cached Kubernetes release.

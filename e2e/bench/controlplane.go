@@ -381,8 +381,11 @@ func (b *bench) startSubscribers(ctx context.Context, wg *sync.WaitGroup, wake c
 		return nil, fmt.Errorf("no certificate in istio-system/istio-ca-root-cert")
 	}
 	ctl, err := b.cs.CoreV1().Pods("istio-system").List(ctx, metav1.ListOptions{LabelSelector: "app=ambit-controller"})
-	if err != nil || len(ctl.Items) != 1 || ctl.Items[0].Status.PodIP == "" {
-		return nil, fmt.Errorf("finding the controller pod's IP: %v (%d pods)", err, len(ctl.Items))
+	if err != nil {
+		return nil, fmt.Errorf("finding the controller pod: %w", err)
+	}
+	if len(ctl.Items) != 1 || ctl.Items[0].Status.PodIP == "" {
+		return nil, fmt.Errorf("want one controller pod with an IP, found %d pods", len(ctl.Items))
 	}
 	addr := net.JoinHostPort(ctl.Items[0].Status.PodIP, "15012")
 	dial := b.nodes[0].dial

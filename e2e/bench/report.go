@@ -29,6 +29,8 @@ type Results struct {
 	Machine Machine   `json:"machine"`
 	Config  Config    `json:"config"`
 	Lab     LabInfo   `json:"lab"`
+	// Commit is the checkout's HEAD, "-dirty" when it has changes.
+	Commit string `json:"commit,omitempty"`
 	// Metrics are keyed "<case>.<variant>.<figure>", e.g.
 	// "throughput.ambit.gbps"; each holds one sample per run.
 	Metrics map[string]*Metric `json:"metrics"`
@@ -188,6 +190,7 @@ func (r *Results) tables() []table {
 		header: []string{"path", "Gbit/s", "ratio to (a)", "tunnel CPU-s per GB"},
 		notes: []string{
 			fmt.Sprintf("benchnet, %s per run, the first fifth (at most 1 s) left out; the rate is what the receiving pod counted.", cfg.ThroughputTime),
+			"Ratios are taken within each run (against that run's plain TCP), then the median over runs.",
 			"Tunnel CPU: utime+stime (/proc/<pid>/stat) of both tunnel processes over the run, per GB carried.",
 			"stunnel4: one instance in the client pod's netns (client mode, on 127.0.0.1) and one in the server pod's netns (forwarding to 127.0.0.1): the same three TCP hops as Ambit's in-pod listeners; TLS 1.3, TLS_AES_128_GCM_SHA256 (what Go picks with AES-NI), ECDSA P-256 certificates verified both ways.",
 		},
@@ -212,7 +215,8 @@ func (r *Results) tables() []table {
 		header: []string{"load", "path", "req/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs"},
 		notes: []string{
 			fmt.Sprintf("fortio %s, %d connections (keep-alive), %s per run, 1 µs histogram resolution; POST of 1024 bytes echoed back.", "v1.68.2", cfg.LatencyConns, cfg.LatencyTime),
-			"\"added\" is Ambit minus plain within the same run, then the median over runs.",
+			"\"added\" is Ambit minus plain within the same run, then the median over runs; tails of runs this short are noisy and can come out negative.",
+			"At max rate each path runs at its own maximum, so its percentiles are at different loads.",
 		},
 	}
 	for _, load := range []struct{ label, key string }{{fmt.Sprintf("%d req/s", cfg.FixedRPS), "fixed"}, {"max", "max"}} {
@@ -233,7 +237,7 @@ func (r *Results) tables() []table {
 		header: []string{"figure", "ztunnel node-1 (client side)", "ztunnel node-2 (server side)"},
 		notes: []string{
 			"CPU from /proc/<pid>/stat over case 2's Ambit runs; peak RSS is VmHWM, reset before each run (clear_refs 5).",
-			"Idle RSS is VmRSS with no traffic, before the load cases.",
+			"Idle RSS is VmRSS with no traffic, before the load cases, sampled once per run 200 ms apart; \"enrolled\" is once both ztunnels serve every idle pod.",
 		},
 	}
 	fpRow := func(label, key string, digits int) {
@@ -303,7 +307,11 @@ func (r *Results) Markdown() string {
 	}
 	fmt.Fprintf(&b, "Machine: %s, %d cores, kernel %s, %s. Lab %q: 2 nodes; capture: %s.\n",
 		r.Machine.CPUModel, r.Machine.Cores, r.Machine.Kernel, r.Machine.GoVersion, r.Lab.Name, capture)
-	fmt.Fprintf(&b, "Every figure: median (min–max) of %d interleaved runs. Took %.0f s.\n", r.Config.Runs, r.Seconds)
+	commit := ""
+	if r.Commit != "" {
+		commit = " Commit " + r.Commit + "."
+	}
+	fmt.Fprintf(&b, "Every figure: median (min–max) of %d interleaved runs. Took %.0f s.%s\n", r.Config.Runs, r.Seconds, commit)
 	for _, t := range r.tables() {
 		fmt.Fprintf(&b, "\n### %s\n\n", t.title)
 		fmt.Fprintf(&b, "| %s |\n", strings.Join(t.header, " | "))

@@ -1,10 +1,13 @@
 package bench
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
+	"strings"
 	"time"
 
 	"k8s.io/client-go/kubernetes"
@@ -46,6 +49,7 @@ func Run(ctx context.Context, cfg Config) (*Results, error) {
 		return nil, err
 	}
 	b := &bench{cfg: cfg, res: newResults(cfg), start: time.Now()}
+	b.res.Commit = commit(cfg.RepoDir)
 	if b.cgroupRoot, err = lab.Cgroup2Root(); err != nil {
 		return nil, err
 	}
@@ -168,4 +172,18 @@ func (b *bench) rounds(ctx context.Context) {
 
 func (b *bench) progress(format string, args ...any) {
 	_, _ = fmt.Fprintf(b.cfg.Progress, "bench: %6.1fs  %s\n", time.Since(b.start).Seconds(), fmt.Sprintf(format, args...))
+}
+
+// commit names the checkout's HEAD, with "-dirty" for local changes; empty
+// outside a git checkout.
+func commit(repo string) string {
+	out, err := exec.Command("git", "-C", repo, "rev-parse", "--short=12", "HEAD").Output()
+	if err != nil {
+		return ""
+	}
+	c := strings.TrimSpace(string(out))
+	if st, err := exec.Command("git", "-C", repo, "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(bytes.TrimSpace(st)) > 0 {
+		c += "-dirty"
+	}
+	return c
 }

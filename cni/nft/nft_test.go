@@ -122,7 +122,7 @@ func TestTransparentReturnPath(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = ns.Close() }()
-	app, err := ns.Listen(context.Background(), "10.99.0.1:8080")
+	app, err := ns.Listen(context.Background(), "10.99.0.1:8080", true)
 	if err != nil {
 		t.Fatal(err)
 	}

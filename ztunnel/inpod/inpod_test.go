@@ -188,7 +188,7 @@ func TestNetNSListenAndDial(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = ns.Close() }()
-	ln, err := ns.Listen(context.Background(), "127.0.0.1:15001")
+	ln, err := ns.Listen(context.Background(), "127.0.0.1:15001", false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -91,14 +92,12 @@ func (n *NetNS) FD() int { return int(n.f.Fd()) }
 // it stays locked and exits with the goroutine.
 func (n *NetNS) Do(f func() error) error {
 	errc := make(chan error, 1)
+	self, err := ownNetNS()
+	if err != nil {
+		return err
+	}
 	go func() {
 		runtime.LockOSThread()
-		self, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			errc <- fmt.Errorf("opening own netns: %w", err)
-			return
-		}
-		defer func() { _ = self.Close() }() // read-only
 		if err := unix.Setns(int(n.f.Fd()), unix.CLONE_NEWNET); err != nil {
 			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("entering netns: %w", err)
@@ -121,7 +120,10 @@ func (n *NetNS) Do(f func() error) error {
 // original destination). The listener carries Mark, and so do the
 // connections it accepts: their packets are ztunnel's and are never
 // captured again.
-func (n *NetNS) Listen(ctx context.Context, addr string) (net.Listener, error) {
+//
+// keepAlive false turns TCP keepalive off on accepted connections (for
+// connections from the pod itself, which cannot lose their peer).
+func (n *NetNS) Listen(ctx context.Context, addr string, keepAlive bool) (net.Listener, error) {
 	var ln net.Listener
 	err := n.Do(func() error {
 		lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
@@ -147,6 +149,16 @@ func (n *NetNS) Listen(ctx context.Context, addr string) (net.Listener, error) {
 	}
 	return ln, nil
 }
+
+// ownNetNS is the process's own network namespace, opened once: Do goes
+// back to it after every call (the thread group leader never leaves it).
+var ownNetNS = sync.OnceValues(func() (*os.File, error) {
+	f, err := os.Open("/proc/self/ns/net")
+	if err != nil {
+		return nil, fmt.Errorf("opening own netns: %w", err)
+	}
+	return f, nil
+})
 
 // Dialer returns a dial function whose sockets are created inside the
 // namespace and carry Mark.
@@ -185,6 +197,7 @@ func (n *NetNS) TransparentDialer(src netip.Addr) func(ctx context.Context, netw
 		},
 	}
 	d.SetMultipathTCP(false)
+	d.KeepAlive = -1 // the app is in the same pod: no peer to lose
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		var c net.Conn
 		err := n.Do(func() error {

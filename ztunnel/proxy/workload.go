@@ -99,7 +99,10 @@ func startWorkload(p *Proxy, uid string, info *zdsapi.WorkloadInfo, netns *inpod
 		if netns.SockMap() != nil {
 			addr = "0.0.0.0" + addr
 		}
-		ln, err := netns.Listen(ctx, addr)
+		// The pod's own connections to 15001 never leave the
+		// machine: no TCP keepalive probes (and 4 fewer setsockopt
+		// per connection).
+		ln, err := netns.Listen(ctx, addr, s.port != OutboundPort)
 		if err != nil {
 			w.stop()
 			return nil, err
@@ -203,12 +206,22 @@ func (w *workloadProxy) accept(ln net.Listener, handle func(net.Conn)) {
 // serveOutbound carries the pod's captured outbound connections.
 func (w *workloadProxy) serveOutbound(ln net.Listener) { w.accept(ln, w.outbound) }
 
+// originalDst is where a captured connection was going. In eBPF mode
+// nothing rewrote it: it is the local address (skipping the
+// SO_ORIGINAL_DST syscall, which fails there).
+func (w *workloadProxy) originalDst(c net.Conn) (net.Addr, error) {
+	if w.netns.SockMap() != nil {
+		return c.LocalAddr(), nil
+	}
+	return inpod.OriginalDst(c)
+}
+
 func (w *workloadProxy) outbound(c net.Conn) {
 	// The deferred Closes in this file end a proxied connection's sides on
 	// the early returns; hbone.Proxy has closed them already on the normal
 	// path, and a failed close of a side we are done with changes nothing.
 	defer func() { _ = c.Close() }()
-	orig, err := inpod.OriginalDst(c)
+	orig, err := w.originalDst(c)
 	if err != nil {
 		w.log.Warn("outbound: reading the original destination", "error", err)
 		return
@@ -396,7 +409,7 @@ func (w *workloadProxy) servePlaintext(ln net.Listener) { w.accept(ln, w.plainte
 
 func (w *workloadProxy) plaintext(c net.Conn) {
 	defer func() { _ = c.Close() }()
-	orig, err := inpod.OriginalDst(c)
+	orig, err := w.originalDst(c)
 	if err != nil {
 		w.log.Warn("inbound plaintext: reading the original destination", "error", err)
 		return

@@ -24,6 +24,11 @@
 #define AF_INET 2      /* include/linux/socket.h */
 #define IPPROTO_TCP 6  /* include/uapi/linux/in.h */
 #define HBONE_PORT 15008
+/* enum tcx_action_base (linux/bpf.h since 6.6; Debian's headers may be
+ * older): go on to the next program, accept, drop. */
+#define TCX_NEXT_ -1
+#define TCX_PASS_ 0
+#define TCX_DROP_ 2
 #define MAX_ADDRS 4
 
 /* Keep in sync with Config handling in redirect.go (bpf2go generates
@@ -131,7 +136,9 @@ int steer_to_ztunnel(struct bpf_sk_lookup *ctx)
  * on any port but HBONE's, other than a kubelet probe, is assigned to
  * ztunnel's inbound listener; the connection's later packets find the
  * accepted socket by the usual lookup. With no listener in the slot the
- * SYN is dropped (the client retries): fail closed. */
+ * SYN is dropped (the client retries): fail closed. Packets it leaves
+ * alone go on to the next tcx program, if any (TCX_NEXT), so that it does
+ * not cut other programs on the pod's interface out. */
 SEC("tc")
 int inbound_to_ztunnel(struct __sk_buff *skb)
 {
@@ -146,30 +153,30 @@ int inbound_to_ztunnel(struct __sk_buff *skb)
 	long err;
 
 	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
+		return TCX_NEXT_;
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
-		return TC_ACT_OK;
+		return TCX_NEXT_;
 	if (ip->frag_off & bpf_htons(0x1fff)) /* not the first fragment */
-		return TC_ACT_OK;
+		return TCX_NEXT_;
 	tcp = (void *)ip + ip->ihl * 4;
 	if ((void *)(tcp + 1) > end || !tcp->syn || tcp->ack)
-		return TC_ACT_OK;
+		return TCX_NEXT_;
 
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg || !configured(cfg) || !contains(cfg->pod_ip4, ip->daddr))
-		return TC_ACT_OK;
+		return TCX_NEXT_;
 	if (tcp->dest == bpf_htons(HBONE_PORT))
-		return TC_ACT_OK;
+		return TCX_NEXT_;
 	if (contains(cfg->probe_ip4, ip->saddr))
-		return TC_ACT_OK;
+		return TCX_NEXT_;
 
 	sk = bpf_map_lookup_elem(&listeners, &slot);
 	if (!sk)
-		return TC_ACT_SHOT;
+		return TCX_DROP_;
 	err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
-	return err ? TC_ACT_SHOT : TC_ACT_OK;
+	return err ? TCX_DROP_ : TCX_PASS_;
 }
 
 char __license[] SEC("license") = "Dual MIT/GPL";

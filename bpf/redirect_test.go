@@ -231,11 +231,13 @@ func TestSkLookupDecisions(t *testing.T) {
 	}
 }
 
-// Return values of a tc program (include/uapi/linux/pkt_cls.h). Under tcx,
-// TC_ACT_OK is TCX_PASS and TC_ACT_SHOT is TCX_DROP.
+// Return values of a tcx program (enum tcx_action_base): the program
+// returns TCX_NEXT for what it leaves alone, TCX_DROP for a SYN it cannot
+// steer (TCX_PASS after a successful assignment, which test runs cannot
+// reach).
 const (
-	tcOK   = 0
-	tcShot = 2
+	tcOK   = ^uint32(0) // TCX_NEXT, -1
+	tcShot = 2          // TCX_DROP
 )
 
 // TCP flags (RFC 9293, section 3.1).

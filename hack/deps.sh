@@ -18,6 +18,7 @@ needs=(
   /usr/include/bpf/bpf_helpers.h:libbpf-dev
   stunnel4:stunnel4
   protoc:protobuf-compiler
+  /usr/include/google/protobuf/wrappers.proto:libprotobuf-dev
 )
 
 missing=()

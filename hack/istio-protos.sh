@@ -21,10 +21,14 @@ sed 's|^option go_package=.*|option go_package="github.com/ambitmesh/ambit/api/w
   "$dir/pkg/workloadapi/security/authorization.proto" > "$tmp/workloadapi/security/authorization.proto"
 plugin=$(mktemp -d)/protoc-gen-go
 go build -o "$plugin" google.golang.org/protobuf/cmd/protoc-gen-go
-rm -f api/workloadapi/*.pb.go api/workloadapi/security/*.pb.go api/zdsapi/*.pb.go
+# Into a directory of its own first: a failing protoc leaves the committed
+# files alone.
+mkdir -p "$tmp/out"
 protoc -I "$tmp" -I /usr/include --plugin=protoc-gen-go="$plugin" \
-  --go_out=. --go_opt=module=github.com/ambitmesh/ambit \
+  --go_out="$tmp/out" --go_opt=module=github.com/ambitmesh/ambit \
   workloadapi/workload.proto workloadapi/security/authorization.proto zdsapi/zds.proto
+rm -f api/workloadapi/*.pb.go api/workloadapi/security/*.pb.go api/zdsapi/*.pb.go
+cp -r "$tmp/out/api/." api/
 cp "$tmp/zdsapi/zds.proto" api/zdsapi/zds.proto
 cp "$tmp/workloadapi/workload.proto" api/workloadapi/workload.proto
 cp "$tmp/workloadapi/security/authorization.proto" api/workloadapi/security/authorization.proto

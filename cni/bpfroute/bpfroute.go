@@ -102,11 +102,28 @@ func Apply(netnsPath string, podIPs, probeSources []netip.Addr) error {
 	// somewhere to go. A rule already there stays: deleting and adding it
 	// again would open a window in which the pod's traffic leaves
 	// uncaptured (Apply runs again when the agent restarts).
-	have, err := h.RuleList(netlink.FAMILY_V4)
+	if err := addRules(h, netlink.FAMILY_V4, netnsPath); err != nil {
+		return err
+	}
+	if !slices.ContainsFunc(podIPs, func(ip netip.Addr) bool { return ip.Is6() && !ip.Is4In6() }) {
+		return nil
+	}
+	// The programs steer IPv4 only. A pod with an IPv6 address gets its
+	// IPv6 TCP refused rather than sent in plaintext (fail closed):
+	// the same rules, pointing at a table that prohibits everything.
+	if err := h.RouteReplace(&netlink.Route{Type: unix.RTN_PROHIBIT, Table: OutboundTable, Dst: anyV6(), Family: netlink.FAMILY_V6}); err != nil {
+		return fmt.Errorf("adding the IPv6 prohibit route in %s: %w", netnsPath, err)
+	}
+	return addRules(h, netlink.FAMILY_V6, netnsPath)
+}
+
+// addRules adds family's rules that are not there yet.
+func addRules(h *netlink.Handle, family int, netnsPath string) error {
+	have, err := h.RuleList(family)
 	if err != nil {
 		return fmt.Errorf("listing rules in %s: %w", netnsPath, err)
 	}
-	for _, r := range rules() {
+	for _, r := range rules(family) {
 		if slices.ContainsFunc(have, func(o netlink.Rule) bool { return o.Priority == r.Priority && o.Table == r.Table }) {
 			continue
 		}
@@ -125,25 +142,30 @@ func Remove(netnsPath string) error {
 		return err
 	}
 	defer done()
-	for _, r := range rules() {
-		for {
-			err := h.RuleDel(r)
-			if errors.Is(err, unix.ENOENT) {
-				break
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		for _, r := range rules(family) {
+			for {
+				err := h.RuleDel(r)
+				if errors.Is(err, unix.ENOENT) || (family == netlink.FAMILY_V6 && errors.Is(err, unix.EAFNOSUPPORT)) {
+					break
+				}
+				if err != nil {
+					return fmt.Errorf("deleting rule %d in %s: %w", r.Priority, netnsPath, err)
+				}
+			}
+		}
+		for _, table := range []int{OutboundTable, InboundTable} {
+			routes, err := h.RouteListFiltered(family, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+			if err != nil && family == netlink.FAMILY_V6 {
+				break // no IPv6 in the namespace
 			}
 			if err != nil {
-				return fmt.Errorf("deleting rule %d in %s: %w", r.Priority, netnsPath, err)
+				return fmt.Errorf("listing table %d in %s: %w", table, netnsPath, err)
 			}
-		}
-	}
-	for _, table := range []int{OutboundTable, InboundTable} {
-		routes, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
-		if err != nil {
-			return fmt.Errorf("listing table %d in %s: %w", table, netnsPath, err)
-		}
-		for i := range routes {
-			if err := h.RouteDel(&routes[i]); err != nil && !errors.Is(err, unix.ESRCH) {
-				return fmt.Errorf("deleting route %s in %s: %w", routes[i], netnsPath, err)
+			for i := range routes {
+				if err := h.RouteDel(&routes[i]); err != nil && !errors.Is(err, unix.ESRCH) {
+					return fmt.Errorf("deleting route %s in %s: %w", routes[i], netnsPath, err)
+				}
 			}
 		}
 	}
@@ -157,39 +179,52 @@ func Installed(netnsPath string) (bool, error) {
 		return false, err
 	}
 	defer done()
-	rs, err := h.RuleList(netlink.FAMILY_V4)
-	if err != nil {
-		return false, err
-	}
-	for _, r := range rs {
-		if r.Table == InboundTable || r.Table == OutboundTable || r.Priority == ExemptPref {
-			return true, nil
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		rs, err := h.RuleList(family)
+		if err != nil && family == netlink.FAMILY_V6 {
+			continue // no IPv6 in the namespace
 		}
-	}
-	for _, table := range []int{OutboundTable, InboundTable} {
-		routes, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
 		if err != nil {
 			return false, err
 		}
-		if len(routes) > 0 {
-			return true, nil
+		for _, r := range rs {
+			if r.Table == InboundTable || r.Table == OutboundTable || r.Priority == ExemptPref {
+				return true, nil
+			}
+		}
+		for _, table := range []int{OutboundTable, InboundTable} {
+			routes, err := h.RouteListFiltered(family, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+			if err != nil {
+				return false, err
+			}
+			if len(routes) > 0 {
+				return true, nil
+			}
 		}
 	}
 	return false, nil
 }
 
-func rules() []*netlink.Rule {
+// rules are family's rules: for IPv4 the return path, ztunnel's exemption
+// and the capture; for IPv6 the exemption and the capture (into a table
+// that prohibits).
+func rules(family int) []*netlink.Rule {
 	mask := uint32(markMask)
-	in := netlink.NewRule()
-	in.Family, in.Priority, in.Table, in.Mark, in.Mask = netlink.FAMILY_V4, InboundPref, InboundTable, InboundMark, &mask
 	exempt := netlink.NewRule()
-	exempt.Family, exempt.Priority, exempt.Table, exempt.Mark, exempt.Mask = netlink.FAMILY_V4, ExemptPref, mainTable, Mark, &mask
+	exempt.Family, exempt.Priority, exempt.Table, exempt.Mark, exempt.Mask = family, ExemptPref, mainTable, Mark, &mask
 	out := netlink.NewRule()
-	out.Family, out.Priority, out.Table, out.IPProto = netlink.FAMILY_V4, OutboundPref, OutboundTable, unix.IPPROTO_TCP
+	out.Family, out.Priority, out.Table, out.IPProto = family, OutboundPref, OutboundTable, unix.IPPROTO_TCP
+	if family == netlink.FAMILY_V6 {
+		return []*netlink.Rule{exempt, out}
+	}
+	in := netlink.NewRule()
+	in.Family, in.Priority, in.Table, in.Mark, in.Mask = family, InboundPref, InboundTable, InboundMark, &mask
 	return []*netlink.Rule{in, exempt, out}
 }
 
 func anyV4() *net.IPNet { return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)} }
+
+func anyV6() *net.IPNet { return &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)} }
 
 // open returns a netlink handle in the namespace and its lo's index.
 func open(netnsPath string) (*netlink.Handle, int, func(), error) {

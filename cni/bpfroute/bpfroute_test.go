@@ -131,3 +131,51 @@ func TestApplyNeedsIPv4(t *testing.T) {
 		t.Error("routing installed after a refused Apply")
 	}
 }
+
+// TestIPv6FailsClosed: the programs steer IPv4 only, so a pod with an IPv6
+// address gets its IPv6 TCP refused, not sent in plaintext; ztunnel's
+// marked sockets and UDP still go out; Remove takes it all away.
+func TestIPv6FailsClosed(t *testing.T) {
+	requireRoot(t)
+	name, path := newNetns(t)
+	ip(t, "-n", name, "-6", "addr", "add", "fd00::2/128", "dev", "eth0", "nodad")
+	ip(t, "-n", name, "-6", "route", "add", "default", "dev", "eth0")
+	pod := []netip.Addr{netip.MustParseAddr("10.99.0.2"), netip.MustParseAddr("fd00::2")}
+	for range 2 {
+		if err := Apply(path, pod, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rules := ip(t, "-n", name, "-6", "rule", "show")
+	for _, want := range []string{
+		"32762:\tfrom all fwmark 0x539/0xfff lookup main",
+		"32763:\tfrom all ipproto tcp lookup 134",
+	} {
+		if strings.Count(rules, want) != 1 {
+			t.Errorf("IPv6 rules:\n%s\nwant exactly one %q", rules, want)
+		}
+	}
+	for _, tc := range []struct {
+		args   string
+		refuse bool
+	}{
+		{"fd00::1 from fd00::2 ipproto tcp", true},
+		{"fd00::1 from fd00::2 ipproto udp", false},
+		{"fd00::1 from fd00::2 ipproto tcp mark 0x539", false},
+	} {
+		out, err := exec.Command("ip", append([]string{"-n", name, "-6", "route", "get"}, strings.Fields(tc.args)...)...).CombinedOutput()
+		refused := err != nil || strings.HasPrefix(string(out), "prohibit")
+		if refused != tc.refuse {
+			t.Errorf("route get %s: %q (err %v), want refused=%v", tc.args, out, err, tc.refuse)
+		}
+	}
+	if err := Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := Installed(path); err != nil || ok {
+		t.Fatalf("Installed = %v, %v after Remove", ok, err)
+	}
+	if out, err := exec.Command("ip", "-n", name, "-6", "route", "get", "fd00::1", "from", "fd00::2", "ipproto", "tcp").CombinedOutput(); err != nil {
+		t.Errorf("IPv6 TCP still refused after Remove: %v: %s", err, out)
+	}
+}

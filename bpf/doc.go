@@ -39,7 +39,9 @@
 //     leaves the pod unproxied.
 //   - The attachments are bpf_links pinned on a bpffs with the maps (Attach),
 //     so they outlive the node agent process and are not re-created on a
-//     restart (unless the pod's interface changed under the tcx link).
+//     restart (unless the pod's interface changed under the tcx link); a
+//     restarted agent swaps its own build's programs into them atomically
+//     (bpf_link_update), so an upgrade reaches pods already enrolled.
 //
 // What it does not do: routing (the node agent installs the ip rule and
 // route), listening (ztunnel owns its sockets; they must be plain TCP, not

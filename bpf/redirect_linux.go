@@ -90,7 +90,38 @@ func Attach(netnsPath, pinDir string, cfg Config) (*Redirection, error) {
 		_ = r.Close()
 		return nil, fmt.Errorf("writing config: %w", err)
 	}
+	if err := r.updatePrograms(loopbackIfindex); err != nil {
+		_ = r.Close()
+		return nil, err
+	}
 	return r, nil
+}
+
+// updatePrograms loads this build's programs against the pinned maps and
+// swaps them into the pinned links, atomically (bpf_link_update): an
+// upgraded node agent's fixes reach pods enrolled by an older one, with no
+// moment without redirection.
+func (r *Redirection) updatePrograms(loIfindex uint32) error {
+	spec, err := loadRedirect()
+	if err != nil {
+		return err
+	}
+	if err := spec.Variables[redirectVarLoIfindex].Set(loIfindex); err != nil {
+		return fmt.Errorf("setting lo_ifindex: %w", err)
+	}
+	var progs redirectPrograms
+	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{"config": r.config, "listeners": r.listeners}}
+	if err := spec.LoadAndAssign(&progs, opts); err != nil {
+		return fmt.Errorf("loading the programs: %w", err)
+	}
+	defer func() { _ = progs.Close() }() // the links hold them
+	if err := r.link.Update(progs.SteerToZtunnel); err != nil {
+		return fmt.Errorf("updating the sk_lookup link: %w", err)
+	}
+	if err := r.tcx.Update(progs.InboundToZtunnel); err != nil {
+		return fmt.Errorf("updating the tcx link: %w", err)
+	}
+	return nil
 }
 
 // tcxOn reports whether r's tcx link is attached to the interface that

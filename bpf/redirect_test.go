@@ -443,6 +443,20 @@ func loadObjectsWith(t *testing.T, lo uint32, cfg *Config, lns map[int]*net.TCPL
 // that a second Attach with the same pin directory reuses the pinned
 // attachment and maps and only rewrites the config, and that the attachment
 // survives closing the Redirection.
+// linkProgs returns the IDs of r's sk_lookup and tcx links and of the
+// programs they run.
+func linkProgs(t *testing.T, r *Redirection) (links [2]link.ID, progs [2]ebpf.ProgramID) {
+	t.Helper()
+	for i, l := range []link.Link{r.link, r.tcx} {
+		info, err := l.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		links[i], progs[i] = info.ID, info.Program
+	}
+	return links, progs
+}
+
 func TestAttachIdempotent(t *testing.T) {
 	requireRoot(t)
 	nsPath := newNetns(t)
@@ -456,6 +470,7 @@ func TestAttachIdempotent(t *testing.T) {
 		t.Fatalf("%+v", err)
 	}
 	id1 := mapID(t, r1.SockMap())
+	links1, progs1 := linkProgs(t, r1)
 	if err := r1.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -473,6 +488,15 @@ func TestAttachIdempotent(t *testing.T) {
 	assertTCXPrograms(t, nsPath, "eth0", 1)
 	if id2 := mapID(t, r2.SockMap()); id2 != id1 {
 		t.Errorf("second Attach has listener map %d, want the pinned one %d", id2, id1)
+	}
+	// The same links, with this build's programs swapped in (what an
+	// upgraded agent does to pods enrolled by an older one).
+	links2, progs2 := linkProgs(t, r2)
+	if links2 != links1 {
+		t.Errorf("second Attach has links %v, want the pinned %v", links2, links1)
+	}
+	if progs2[0] == progs1[0] || progs2[1] == progs1[1] {
+		t.Errorf("second Attach kept programs %v (first %v), want them replaced", progs2, progs1)
 	}
 	var got redirectConfig
 	if err := r2.config.Lookup(uint32(0), &got); err != nil {

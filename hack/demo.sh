@@ -24,11 +24,14 @@ ztunnel and the CNI node agent. Try it:
   kubectl create deployment echo --image=gcr.io/istio-testing/app
   kubectl expose deployment echo --port=80 --target-port=8080
   kubectl run client --image=curlimages/curl --command -- sleep infinity
+  kubectl wait --for=condition=Ready pod/client pod -l app=echo
   kubectl exec client -- curl -s http://echo/             # plaintext
   kubectl label namespace default istio.io/dataplane-mode=ambient
   kubectl exec client -- curl -s http://echo/             # now over HBONE (mTLS), no restart
   nsenter --net=/run/netns/${lab}-node1 curl -s 127.0.0.1:15020/metrics | grep istio_tcp
   nsenter --net=/run/netns/${lab}-node1 curl -s 127.0.0.1:15000/config_dump
+  ls /run/ambit-lab/${lab}/nodes/node-*/root/sys/fs/bpf/ambit/   # eBPF capture: one pin dir per enrolled pod
+  bpftool link show                                     # their sk_lookup and tcx links
 
 Then apply Istio AuthorizationPolicy / PeerAuthentication YAML as is.
 MSG

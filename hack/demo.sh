@@ -24,7 +24,7 @@ ztunnel and the CNI node agent. Try it:
   kubectl create deployment echo --image=gcr.io/istio-testing/app
   kubectl expose deployment echo --port=80 --target-port=8080
   kubectl run client --image=curlimages/curl --command -- sleep infinity
-  kubectl wait --for=condition=Ready pod/client pod -l app=echo
+  kubectl wait --for=condition=Available deploy/echo; kubectl wait --for=condition=Ready pod/client
   kubectl exec client -- curl -s http://echo/             # plaintext
   kubectl label namespace default istio.io/dataplane-mode=ambient
   kubectl exec client -- curl -s http://echo/             # now over HBONE (mTLS), no restart

@@ -26,6 +26,7 @@
 #define HBONE_PORT 15008
 /* enum tcx_action_base (linux/bpf.h since 6.6; Debian's headers may be
  * older): go on to the next program, accept, drop. */
+#define ZTUNNEL_MARK 0x539 /* ztunnel/inpod.Mark */
 #define TCX_NEXT_ -1
 #define TCX_PASS_ 0
 #define TCX_DROP_ 2
@@ -168,8 +169,14 @@ int inbound_to_ztunnel(struct __sk_buff *skb)
 		return TCX_NEXT_;
 	if (tcp->dest == bpf_htons(HBONE_PORT))
 		return TCX_NEXT_;
-	if (contains(cfg->probe_ip4, ip->saddr))
+	/* A kubelet probe reaches the app directly. Its SYN carries
+	 * ztunnel's mark, which tcp_fwmark_accept hands to the app's
+	 * accepted socket, so that the policy routing sends the app's
+	 * replies out like ztunnel's own packets instead of capturing them. */
+	if (contains(cfg->probe_ip4, ip->saddr)) {
+		skb->mark = ZTUNNEL_MARK;
 		return TCX_NEXT_;
+	}
 
 	sk = bpf_map_lookup_elem(&listeners, &slot);
 	if (!sk)

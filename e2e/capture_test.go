@@ -262,6 +262,17 @@ func captureScenario(t *testing.T, ctx context.Context, l *lab.Lab, cs kubernete
 		if after := podStarts(ctx, t, cs, ns); after != before {
 			t.Errorf("pods restarted: before %s, after %s", before, after)
 		}
+		// Kubelet's probes (from node-1's address on the echo pod's
+		// veth, 10.244.1.1) reach the app directly, not through
+		// ztunnel: the echo pod stays Ready (the requests above) and
+		// node-1's ztunnel logs no connection from there.
+		zt, err := cs.CoreV1().Pods("istio-system").List(ctx, metav1.ListOptions{LabelSelector: "app=ztunnel", FieldSelector: "spec.nodeName=node-1"})
+		if err != nil || len(zt.Items) != 1 {
+			t.Fatalf("node-1's ztunnel: %v", err)
+		}
+		if logs := kubectl("-n", "istio-system", "logs", zt.Items[0].Name); strings.Contains(logs, `"src.addr":"10.244.1.1:`) {
+			t.Errorf("kubelet probes went through ztunnel:\n%s", grepLines(logs, `"src.addr":"10.244.1.1:`))
+		}
 		// The app sees the client pod as the peer, not its own address:
 		// ztunnel dials it transparently (acceptance 3). Istio's echo
 		// server answers with an "IP=<peer ip>" line, the host of the
@@ -446,6 +457,17 @@ func podStarts(ctx context.Context, t *testing.T, cs kubernetes.Interface, ns st
 	}
 	sort.Strings(parts)
 	return strings.Join(parts, " ")
+}
+
+// grepLines returns the lines of s that contain sub.
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
 
 func flushLines(lines <-chan string) {

@@ -9,9 +9,9 @@
 //     ("local default dev lo src <pod IP>"): it loops back through lo, and
 //     the sk_lookup program hands it to ztunnel's outbound listener, whose
 //     accepted socket keeps the original destination as its local address.
-//     The node's addresses (kubelet's probes come from there) are thrown
-//     back to the main table, so that the app's replies to probes leave
-//     normally.
+//     Kubelet's probes reach the app directly: the tc program puts Mark
+//     on their SYNs, which tcp_fwmark_accept hands to the app's accepted
+//     socket, so the app's replies leave through the main table.
 //   - return path: ztunnel dials the app from the client's address with
 //     InboundMark; net.ipv4.tcp_fwmark_accept makes the app's accepted
 //     socket carry that mark, so its replies look up InboundTable (every
@@ -63,8 +63,8 @@ const (
 
 // Apply installs the routing in the network namespace at netnsPath for a
 // pod with addresses podIPs (the first IPv4 one is the source of its
-// outbound connections) and probes from probeSources. It is idempotent.
-func Apply(netnsPath string, podIPs, probeSources []netip.Addr) error {
+// outbound connections). It is idempotent.
+func Apply(netnsPath string, podIPs []netip.Addr) error {
 	var src netip.Addr
 	for _, ip := range podIPs {
 		if ip.Unmap().Is4() {
@@ -83,12 +83,6 @@ func Apply(netnsPath string, podIPs, probeSources []netip.Addr) error {
 	routes := []*netlink.Route{
 		{Type: unix.RTN_LOCAL, Table: InboundTable, Dst: anyV4(), LinkIndex: lo, Scope: netlink.SCOPE_HOST},
 		{Type: unix.RTN_LOCAL, Table: OutboundTable, Dst: anyV4(), LinkIndex: lo, Scope: netlink.SCOPE_HOST, Src: src.AsSlice()},
-	}
-	for _, p := range probeSources {
-		if p.Unmap().Is4() {
-			routes = append(routes, &netlink.Route{Type: unix.RTN_THROW, Table: OutboundTable,
-				Dst: &net.IPNet{IP: p.Unmap().AsSlice(), Mask: net.CIDRMask(32, 32)}})
-		}
 	}
 	for _, r := range routes {
 		if err := h.RouteReplace(r); err != nil {

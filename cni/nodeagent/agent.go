@@ -23,8 +23,10 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -294,7 +296,7 @@ func (a *Agent) enrol(ctx context.Context, pod *corev1.Pod, netns string) error 
 	}
 	var err error
 	if a.opts.Mode == ModeEBPF {
-		err = bpfroute.Apply(netns, podIPs(pod), probeSources(pod))
+		err = bpfroute.Apply(netns, podIPs(pod))
 	} else {
 		err = nft.Apply(netns, probeSources(pod))
 	}
@@ -418,17 +420,30 @@ func podIP(pod *corev1.Pod) netip.Addr {
 	return ip
 }
 
-// probeSources are where kubelet's probes come from: the node's address.
+// probeSources are where kubelet's probes come from: the node's
+// addresses, and the source the node's routing picks to reach the pod
+// (with routed pod networks, the node's address on the pod's veth, not
+// its InternalIP). The agent runs in the node's network namespace.
 func probeSources(pod *corev1.Pod) []netip.Addr {
 	var out []netip.Addr
-	for _, h := range pod.Status.HostIPs {
-		if ip, err := netip.ParseAddr(h.IP); err == nil {
-			out = append(out, ip)
+	add := func(ip netip.Addr) {
+		if ip.IsValid() && !slices.Contains(out, ip.Unmap()) {
+			out = append(out, ip.Unmap())
 		}
 	}
-	if len(out) == 0 {
-		if ip, err := netip.ParseAddr(pod.Status.HostIP); err == nil {
-			out = append(out, ip)
+	for _, h := range pod.Status.HostIPs {
+		if ip, err := netip.ParseAddr(h.IP); err == nil {
+			add(ip)
+		}
+	}
+	if ip, err := netip.ParseAddr(pod.Status.HostIP); err == nil {
+		add(ip)
+	}
+	for _, ip := range podIPs(pod) {
+		if routes, err := netlink.RouteGet(ip.AsSlice()); err == nil && len(routes) > 0 {
+			if src, ok := netip.AddrFromSlice(routes[0].Src); ok {
+				add(src)
+			}
 		}
 	}
 	return out

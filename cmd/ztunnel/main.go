@@ -105,7 +105,19 @@ func run() error {
 
 	errc := make(chan error, 3)
 	go func() { errc <- xc.Run(ctx) }()
-	go func() { errc <- zds.Run(ctx) }()
+	// Serve pods only once the controller's config is in: before that
+	// every destination would look unknown and go out as plaintext
+	// passthrough. Until then the pods' captured connections find no
+	// listener and wait or fail (fail closed).
+	go func() {
+		select {
+		case <-xc.Synced():
+			log.Info("config synced; serving enrolled pods", "zds", *zdsSocket)
+			errc <- zds.Run(ctx)
+		case <-ctx.Done():
+			errc <- nil
+		}
+	}()
 	go func() {
 		errc <- admin.Serve(ctx, admin.Options{
 			AdminAddr: *adminAddr, MetricsAddr: ":15020", ReadyAddr: ":15021",

@@ -637,7 +637,7 @@ func TestRegisterListenerRejectsMPTCP(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = ln.Close() })
-	if protocol(t, ln.(*net.TCPListener)) != unix.IPPROTO_MPTCP {
+	if sockoptInt(t, ln.(*net.TCPListener), "SO_PROTOCOL", unix.SO_PROTOCOL) != unix.IPPROTO_MPTCP {
 		t.Skip("MPTCP not available: Go fell back to TCP")
 	}
 	err = RegisterListener(objs.Listeners, SlotOutbound, ln.(*net.TCPListener))
@@ -766,44 +766,37 @@ func dial(nsPath, addr string, timeout time.Duration) (net.Conn, error) {
 	return c, err
 }
 
-// cookie returns the socket cookie (SO_COOKIE) of c, which is what a test run
-// reports for the socket the program selected.
-func cookie(t *testing.T, c syscall.Conn) uint64 {
+// getSockopt reads a socket option of c with get, failing the test on error.
+func getSockopt[T any](t *testing.T, c syscall.Conn, name string, get func(fd int) (T, error)) T {
 	t.Helper()
 	rc, err := c.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var v uint64
+	var v T
 	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		v, serr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE)
-	}); err != nil {
+	if err := rc.Control(func(fd uintptr) { v, serr = get(int(fd)) }); err != nil {
 		t.Fatal(err)
 	}
 	if serr != nil {
-		t.Fatalf("SO_COOKIE: %v", serr)
+		t.Fatalf("%s: %v", name, serr)
 	}
 	return v
 }
 
-func protocol(t *testing.T, c syscall.Conn) int {
+// cookie returns the socket cookie (SO_COOKIE) of c, which is what a test run
+// reports for the socket the program selected.
+func cookie(t *testing.T, c syscall.Conn) uint64 {
 	t.Helper()
-	rc, err := c.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var v int
-	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		v, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL)
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if serr != nil {
-		t.Fatalf("SO_PROTOCOL: %v", serr)
-	}
-	return v
+	return getSockopt(t, c, "SO_COOKIE", func(fd int) (uint64, error) {
+		return unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
+	})
+}
+
+// sockoptInt reads an int SOL_SOCKET option.
+func sockoptInt(t *testing.T, c syscall.Conn, name string, opt int) int {
+	t.Helper()
+	return getSockopt(t, c, name, func(fd int) (int, error) { return unix.GetsockoptInt(fd, unix.SOL_SOCKET, opt) })
 }
 
 func mapID(t *testing.T, m *ebpf.Map) ebpf.MapID {

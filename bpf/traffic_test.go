@@ -219,7 +219,7 @@ func TestInboundTraffic(t *testing.T) {
 		// The probe's SYN carried ztunnel's mark, which
 		// tcp_fwmark_accept gave the app's socket: its replies are
 		// not captured by the policy routing.
-		if got := soMark(t, s); got != 0x539 {
+		if got := sockoptInt(t, s.(syscall.Conn), "SO_MARK", unix.SO_MARK); got != 0x539 {
 			t.Errorf("the app's socket for a probe has mark %#x, want 0x539", got)
 		}
 		exchange(t, c, s)
@@ -322,24 +322,6 @@ func dialTransparent(nsPath string, from netip.Addr, mark int, addr string) (net
 // acceptFrom accepts a connection on ln (named what in messages) and checks
 // that it is c's: that its peer is c's local address. The accepted
 // connection is closed when the test ends.
-// soMark is a connection's SO_MARK.
-func soMark(t *testing.T, c net.Conn) int {
-	t.Helper()
-	rc, err := c.(syscall.Conn).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mark int
-	var serr error
-	if err := rc.Control(func(fd uintptr) { mark, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK) }); err != nil {
-		t.Fatal(err)
-	}
-	if serr != nil {
-		t.Fatal(serr)
-	}
-	return mark
-}
-
 func acceptFrom(t *testing.T, ln *net.TCPListener, what string, c net.Conn) net.Conn {
 	t.Helper()
 	if err := ln.SetDeadline(time.Now().Add(5 * time.Second)); err != nil {

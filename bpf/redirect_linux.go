@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"syscall"
 
@@ -15,6 +14,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/ambitmesh/ambit/internal/netnsexec"
 )
 
 // Names of the pins in a pin directory. The link is pinned last, so its pin
@@ -219,7 +220,7 @@ func attachNew(netnsPath, pinDir string, val redirectConfig) (_ *Redirection, er
 	if err != nil {
 		return nil, err
 	}
-	err = withNetns(netnsPath, func() error {
+	err = netnsexec.RunPath(netnsPath, func() error {
 		// The ifindex is resolved in the calling thread's namespace.
 		l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: objs.InboundToZtunnel, Attach: ebpf.AttachTCXIngress})
 		if err != nil {
@@ -339,7 +340,7 @@ func AttachedTo(netnsPath string) (bool, error) {
 // program.
 func tcxAttached(netnsPath string) (bool, error) {
 	found := false
-	err := withNetns(netnsPath, func() error {
+	err := netnsexec.RunPath(netnsPath, func() error {
 		links, err := netlink.LinkList()
 		if err != nil {
 			return fmt.Errorf("listing interfaces in %s: %w", netnsPath, err)
@@ -386,39 +387,6 @@ func podInterface(netnsPath string, pod [maxAddrs]uint32) (int, error) {
 		}
 	}
 	return 0, fmt.Errorf("no interface in %s holds the pod's addresses", netnsPath)
-}
-
-// withNetns runs fn on an OS thread inside the netns; the thread goes back
-// to the scheduler only if it made it back to its own namespace.
-func withNetns(netnsPath string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		self, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer func() { _ = self.Close() }()
-		target, err := netns.GetFromPath(netnsPath)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("opening netns %s: %w", netnsPath, err)
-			return
-		}
-		defer func() { _ = target.Close() }()
-		if err := netns.Set(target); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("entering netns %s: %w", netnsPath, err)
-			return
-		}
-		ferr := fn()
-		if netns.Set(self) == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- ferr
-	}()
-	return <-errc
 }
 
 // attachments counts the sk_lookup links attached to the netns at netnsPath,

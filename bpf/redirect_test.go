@@ -14,7 +14,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -24,6 +23,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
+
+	"github.com/ambitmesh/ambit/internal/netnsexec"
 )
 
 // Return values of an sk_lookup program (enum sk_action, uapi bpf.h).
@@ -695,33 +696,11 @@ func newBPFFS(t *testing.T) string {
 	return dir
 }
 
-// inNetns runs fn on an OS thread that has entered the netns at nsPath, so
-// that the sockets fn creates live there. The thread stays locked and is
-// thrown away when fn returns.
-func inNetns(nsPath string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		ns, err := os.Open(nsPath)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer func() { _ = ns.Close() }() // read-only, nothing to flush
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("entering %s: %w", nsPath, err)
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
-}
-
 // listen opens a plain TCP (not MPTCP) listener in the netns at nsPath.
 func listen(t *testing.T, nsPath, addr string, transparent bool) *net.TCPListener {
 	t.Helper()
 	var ln net.Listener
-	err := inNetns(nsPath, func() error {
+	err := netnsexec.RunPath(nsPath, func() error {
 		lc := net.ListenConfig{}
 		lc.SetMultipathTCP(false)
 		if transparent {
@@ -758,7 +737,7 @@ func setSockopts(opts ...sockopt) func(network, address string, c syscall.RawCon
 // dial opens a TCP connection from inside the netns at nsPath.
 func dial(nsPath, addr string, timeout time.Duration) (net.Conn, error) {
 	var c net.Conn
-	err := inNetns(nsPath, func() error {
+	err := netnsexec.RunPath(nsPath, func() error {
 		var err error
 		c, err = net.DialTimeout("tcp4", addr, timeout)
 		return err
@@ -870,7 +849,7 @@ func detachPinned(t *testing.T, path string) {
 func assertTCXPrograms(t *testing.T, nsPath, ifname string, want int) {
 	t.Helper()
 	var n int
-	err := inNetns(nsPath, func() error {
+	err := netnsexec.RunPath(nsPath, func() error {
 		// Both the name and the ifindex are resolved in the thread's netns.
 		ifc, err := net.InterfaceByName(ifname)
 		if err != nil {

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ambitmesh/ambit/internal/netnsexec"
 )
 
 // TestOutboundTraffic dials from inside a netns through the policy route
@@ -180,7 +182,7 @@ func TestInboundTraffic(t *testing.T) {
 	// ztunnel's socket instead of out of eth0 to the real client.
 	ipNetns(t, pod, "rule", "add", "fwmark", "0x111/0xfff", "lookup", "133")
 	ipNetns(t, pod, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "133")
-	if err := inNetns(pod, func() error {
+	if err := netnsexec.RunPath(pod, func() error {
 		// /proc/sys/net is the opening thread's netns.
 		return os.WriteFile("/proc/sys/net/ipv4/tcp_fwmark_accept", []byte("1"), 0o644)
 	}); err != nil {
@@ -302,7 +304,7 @@ func mustDial(t *testing.T, nsPath, addr string) net.Conn {
 // IP_TRANSPARENT and SO_MARK mark.
 func dialTransparent(nsPath string, from netip.Addr, mark int, addr string) (net.Conn, error) {
 	var c net.Conn
-	err := inNetns(nsPath, func() error {
+	err := netnsexec.RunPath(nsPath, func() error {
 		d := net.Dialer{
 			Timeout:   5 * time.Second,
 			LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(from, 0)),

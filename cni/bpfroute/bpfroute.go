@@ -33,6 +33,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/ambitmesh/ambit/internal/netnsexec"
 	"github.com/ambitmesh/ambit/ztunnel/inpod"
 )
 
@@ -243,12 +244,7 @@ func open(netnsPath string) (*netlink.Handle, int, func(), error) {
 // setSysctls writes the namespace's tcp_fwmark_accept and accept_local:
 // net sysctls are those of the namespace of the thread that opens them.
 func setSysctls(netnsPath, v string) error {
-	ns, err := inpod.OpenNetNS(netnsPath)
-	if err != nil {
-		return err
-	}
-	defer func() { _ = ns.Close() }()
-	return ns.Do(func() error {
+	return netnsexec.RunPath(netnsPath, func() error {
 		for _, p := range []string{fwmarkAccept, acceptLocal} {
 			if err := os.WriteFile(p, []byte(v), 0); err != nil {
 				return fmt.Errorf("setting %s in %s: %w", p, netnsPath, err)

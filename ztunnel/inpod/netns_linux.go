@@ -7,12 +7,12 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"strings"
-	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ambitmesh/ambit/internal/netnsexec"
 )
 
 // Mark is the SO_MARK ztunnel puts on its own sockets so that the capture
@@ -87,30 +87,8 @@ func (n *NetNS) SockMap() *os.File { return n.sockmap }
 // FD returns the namespace's file descriptor.
 func (n *NetNS) FD() int { return int(n.f.Fd()) }
 
-// Do runs f on an OS thread inside the namespace. The thread returns to the
-// scheduler only if it could be moved back to its own namespace; otherwise
-// it stays locked and exits with the goroutine.
-func (n *NetNS) Do(f func() error) error {
-	errc := make(chan error, 1)
-	self, err := ownNetNS()
-	if err != nil {
-		return err
-	}
-	go func() {
-		runtime.LockOSThread()
-		if err := unix.Setns(int(n.f.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("entering netns: %w", err)
-			return
-		}
-		ferr := f()
-		if unix.Setns(int(self.Fd()), unix.CLONE_NEWNET) == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- ferr
-	}()
-	return <-errc
-}
+// Do runs f on an OS thread inside the namespace (netnsexec.Run).
+func (n *NetNS) Do(f func() error) error { return netnsexec.Run(int(n.f.Fd()), f) }
 
 // Listen opens a TCP listener inside the namespace. MPTCP is off: Go 1.24+
 // listeners default to it, and an MPTCP socket cannot go into a SOCKMAP,
@@ -149,16 +127,6 @@ func (n *NetNS) Listen(ctx context.Context, addr string, keepAlive bool) (net.Li
 	}
 	return ln, nil
 }
-
-// ownNetNS is the process's own network namespace, opened once: Do goes
-// back to it after every call (the thread group leader never leaves it).
-var ownNetNS = sync.OnceValues(func() (*os.File, error) {
-	f, err := os.Open("/proc/self/ns/net")
-	if err != nil {
-		return nil, fmt.Errorf("opening own netns: %w", err)
-	}
-	return f, nil
-})
 
 // Dialer returns a dial function whose sockets are created inside the
 // namespace and carry Mark.

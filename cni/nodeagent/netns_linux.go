@@ -74,11 +74,6 @@ func netnsHasAddr(path string, ip netip.Addr) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	self, err := os.Open("/proc/thread-self/ns/net")
-	if err != nil {
-		return false, err
-	}
-	defer func() { _ = self.Close() }() // read-only
 	for _, a := range addrs {
 		if got, ok := netip.AddrFromSlice(a.IP); !ok || got.Unmap() != ip.Unmap() {
 			continue
@@ -91,6 +86,11 @@ func netnsHasAddr(path string, ip netip.Addr) (bool, error) {
 		if peer < 0 { // no other end to check
 			return true, nil
 		}
+		self, err := os.Open("/proc/self/ns/net") // the node's
+		if err != nil {
+			return false, err
+		}
+		defer func() { _ = self.Close() }() // read-only
 		ours, err := nl.GetNetNsIdByFd(int(self.Fd()))
 		return err == nil && ours == peer, err
 	}

@@ -483,8 +483,10 @@ func TestGoAway(t *testing.T) {
 	current.Store(second)
 	shutdown := make(chan error, 1)
 	go func() { shutdown <- servers[0].Shutdown(context.Background()) }()
-	// Whether the pool has seen the GOAWAY yet or the draining server
-	// refuses the stream, the new stream lands on a new connection.
+	// Once the first server has sent its GOAWAY, whether the pool has
+	// read it yet or the draining server refuses the stream, the new
+	// stream lands on a new connection.
+	waitFor(t, "the first server's GOAWAY", func() bool { return goneAway(servers[0].(*Server)) })
 	s2 := connect()
 	defer func() { _ = s2.Close() }()
 	if got := ln.n.Load(); got != 2 {
@@ -505,6 +507,25 @@ func TestGoAway(t *testing.T) {
 	if got := ln.n.Load(); got != 2 {
 		t.Fatalf("%d connections, want 2", got)
 	}
+}
+
+// goneAway reports whether srv is shutting down and has sent GOAWAY on
+// every connection.
+func goneAway(srv *Server) bool {
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	if !srv.shutting {
+		return false
+	}
+	for c := range srv.conns {
+		c.mu.Lock()
+		draining := c.draining
+		c.mu.Unlock()
+		if !draining {
+			return false
+		}
+	}
+	return true
 }
 
 // TestConnectionError checks that losing a connection fails all its

@@ -125,33 +125,18 @@ func startWorkload(p *Proxy, uid string, info *zdsapi.WorkloadInfo, netns *inpod
 	return w, nil
 }
 
-// registerListeners registers every listener (see registerListener).
-func (w *workloadProxy) registerListeners() error {
-	for i, ln := range w.listeners {
-		if err := w.registerListener(w.ports[i], ln); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// registerListener puts the outbound and inbound plaintext listeners into
+// registerListeners puts the outbound and inbound plaintext listeners into
 // the pod's listener map when the node agent captures the pod with eBPF
-// (the sk_lookup program steers connections to them). A listener leaves
-// the map by itself when it closes, so a stopped ztunnel leaves an empty
-// map: the program then drops what it would steer (fail closed).
-func (w *workloadProxy) registerListener(port int, ln net.Listener) error {
+// (its programs steer connections to them). A listener leaves the map by
+// itself when it closes, so a stopped ztunnel leaves an empty map: the
+// programs then drop what they would steer (fail closed).
+func (w *workloadProxy) registerListeners() error {
 	f := w.netns.SockMap()
 	if f == nil {
 		return nil
 	}
-	slot := map[int]uint32{OutboundPort: bpf.SlotOutbound, PlaintextPort: bpf.SlotInbound}
-	s, ok := slot[port]
-	if !ok {
-		return nil
-	}
-	// NewMapFromFD owns the fd it gets: give it a copy, NetNS keeps
-	// and closes its own.
+	// NewMapFromFD owns the fd it gets: give it a copy, NetNS keeps and
+	// closes its own.
 	fd, err := unix.Dup(int(f.Fd()))
 	if err != nil {
 		return fmt.Errorf("duplicating the pod's listener map fd: %w", err)
@@ -160,13 +145,20 @@ func (w *workloadProxy) registerListener(port int, ln net.Listener) error {
 	if err != nil {
 		return fmt.Errorf("opening the pod's listener map: %w", err)
 	}
-	defer func() { _ = m.Close() }() // the socket stays in the map
-	sc, ok := ln.(syscall.Conn)
-	if !ok {
-		return fmt.Errorf("listener on %d has no socket", port)
-	}
-	if err := bpf.RegisterListener(m, s, sc); err != nil {
-		return fmt.Errorf("registering the listener on %d: %w", port, err)
+	defer func() { _ = m.Close() }() // the sockets stay in the map
+	slots := map[int]uint32{OutboundPort: bpf.SlotOutbound, PlaintextPort: bpf.SlotInbound}
+	for i, ln := range w.listeners {
+		slot, ok := slots[w.ports[i]]
+		if !ok {
+			continue
+		}
+		sc, ok := ln.(syscall.Conn)
+		if !ok {
+			return fmt.Errorf("listener on %d has no socket", w.ports[i])
+		}
+		if err := bpf.RegisterListener(m, slot, sc); err != nil {
+			return fmt.Errorf("registering the listener on %d: %w", w.ports[i], err)
+		}
 	}
 	return nil
 }

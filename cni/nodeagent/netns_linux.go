@@ -86,13 +86,19 @@ func netnsHasAddr(path string, ip netip.Addr) (bool, error) {
 		if peer < 0 { // no other end to check
 			return true, nil
 		}
-		self, err := os.Open("/proc/self/ns/net") // the node's
-		if err != nil {
-			return false, err
-		}
-		defer func() { _ = self.Close() }() // read-only
-		ours, err := nl.GetNetNsIdByFd(int(self.Fd()))
-		return err == nil && ours == peer, err
+		return isOwnNetns(nl, peer)
 	}
 	return false, nil
+}
+
+// isOwnNetns reports whether nsid, as the namespace of nl names it, is the
+// agent's own namespace (the node's).
+func isOwnNetns(nl *netlink.Handle, nsid int) (bool, error) {
+	self, err := os.Open("/proc/self/ns/net")
+	if err != nil {
+		return false, err
+	}
+	defer func() { _ = self.Close() }() // read-only
+	ours, err := nl.GetNetNsIdByFd(int(self.Fd()))
+	return err == nil && ours == nsid, err
 }

@@ -54,6 +54,10 @@ const markMask = 0xfff
 //     reads the original destination with SO_ORIGINAL_DST.
 //   - inbound: TCP to the pod on any port goes to 15006 (plaintext),
 //     except HBONE on 15008, which ztunnel terminates itself, and probes.
+//   - only SYNs are redirected: a connection open before the rules (when
+//     the namespace had no connection tracking yet) is picked up mid-stream
+//     by conntrack as a new flow, and redirecting its next packet would
+//     reset it.
 //   - return path: ztunnel dials the app from the client's address
 //     (IP_TRANSPARENT, mark InboundMark). The mark is saved in the
 //     connection's ct mark and put back on every packet of the connection
@@ -71,7 +75,7 @@ func Ruleset(probeSources []netip.Addr) string {
 	fmt.Fprintf(&b, "    meta mark 0x%x return\n", Mark)
 	fmt.Fprintf(&b, "    meta mark 0x%x return\n", InboundMark)
 	b.WriteString("    ip daddr 127.0.0.0/8 return\n    ip6 daddr ::1 return\n")
-	b.WriteString("    meta l4proto tcp redirect to :15001\n  }\n")
+	b.WriteString("    tcp flags & (syn | ack) == syn redirect to :15001\n  }\n")
 	b.WriteString("  chain prerouting {\n    type nat hook prerouting priority -100; policy accept;\n")
 	// ztunnel's transparent SYN to the app loops back through lo with the
 	// client's source: it is not a new inbound connection.
@@ -85,7 +89,7 @@ func Ruleset(probeSources []netip.Addr) string {
 		}
 	}
 	b.WriteString("    tcp dport 15008 return\n")
-	b.WriteString("    meta l4proto tcp redirect to :15006\n  }\n}\n")
+	b.WriteString("    tcp flags & (syn | ack) == syn redirect to :15006\n  }\n}\n")
 	return b.String()
 }
 

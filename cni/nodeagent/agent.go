@@ -138,7 +138,6 @@ func New(opts Options) (*Agent, error) {
 // its labels say, until ctx is done. Redirection stays in place when the
 // agent stops (fail closed; a restarted agent picks the pods up again).
 func (a *Agent) Run(ctx context.Context) error {
-	go func() { _ = a.zds.Serve(ctx) }()
 	defer func() { _ = a.zds.Close() }()
 	if node, err := a.opts.Client.CoreV1().Nodes().Get(ctx, a.opts.NodeName, metav1.GetOptions{}); err == nil {
 		for _, ad := range node.Status.Addresses {
@@ -187,7 +186,24 @@ func (a *Agent) Run(ctx context.Context) error {
 	all.Start(ctx.Done())
 	onNode.WaitForCacheSync(ctx.Done())
 	all.WaitForCacheSync(ctx.Done())
-	a.log.Info("node agent running", "node", a.opts.NodeName, "mode", a.opts.Mode, "zds", a.opts.ZDSSocket)
+	// Take up the node's pods before answering ztunnel: the first
+	// snapshot it gets must hold every enrolled pod, or ztunnel drops the
+	// ones missing from it, closing their connections (after an agent
+	// restart, when ztunnel reconnects at once). Until then ztunnel's
+	// connection waits in the socket's backlog.
+	pods, err := a.pods.List(labelsEverything())
+	if err != nil {
+		return err
+	}
+	for _, p := range pods {
+		key := types.NamespacedName{Namespace: p.Namespace, Name: p.Name}
+		if err := a.sync(ctx, key); err != nil {
+			a.log.Warn("syncing pod", "pod", key.String(), "error", err)
+			a.queue.AddRateLimited(key)
+		}
+	}
+	go func() { _ = a.zds.Serve(ctx) }()
+	a.log.Info("node agent running", "node", a.opts.NodeName, "mode", a.opts.Mode, "zds", a.opts.ZDSSocket, "pods", len(pods))
 	go func() { <-ctx.Done(); a.queue.ShutDown() }()
 	for a.next(ctx) {
 	}

@@ -161,22 +161,27 @@ int inbound_to_ztunnel(struct __sk_buff *skb)
 	if (ip->frag_off & bpf_htons(0x1fff)) /* not the first fragment */
 		return TCX_NEXT_;
 	tcp = (void *)ip + ip->ihl * 4;
-	if ((void *)(tcp + 1) > end || !tcp->syn || tcp->ack)
+	if ((void *)(tcp + 1) > end)
 		return TCX_NEXT_;
 
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg || !configured(cfg) || !contains(cfg->pod_ip4, ip->daddr))
 		return TCX_NEXT_;
+	/* TCP to the pod carries ztunnel's mark, so that what the kernel
+	 * sends back for it leaves like ztunnel's own packets instead of
+	 * being captured by the policy routing: the app's replies on
+	 * sockets it accepts directly (kubelet probes; tcp_fwmark_accept)
+	 * and the resets for connections that ended at enrolment
+	 * (fwmark_reflect), without which their peers retransmit for
+	 * minutes. */
+	skb->mark = ZTUNNEL_MARK;
+	if (!tcp->syn || tcp->ack)
+		return TCX_NEXT_;
 	if (tcp->dest == bpf_htons(HBONE_PORT))
 		return TCX_NEXT_;
-	/* A kubelet probe reaches the app directly. Its SYN carries
-	 * ztunnel's mark, which tcp_fwmark_accept hands to the app's
-	 * accepted socket, so that the policy routing sends the app's
-	 * replies out like ztunnel's own packets instead of capturing them. */
-	if (contains(cfg->probe_ip4, ip->saddr)) {
-		skb->mark = ZTUNNEL_MARK;
+	/* A kubelet probe reaches the app directly. */
+	if (contains(cfg->probe_ip4, ip->saddr))
 		return TCX_NEXT_;
-	}
 
 	sk = bpf_map_lookup_elem(&listeners, &slot);
 	if (!sk)

@@ -60,6 +60,11 @@ const (
 	// which OutboundTable calls local; without accept_local the kernel
 	// drops every inbound TCP packet as a martian.
 	acceptLocal = "/proc/sys/net/ipv4/conf/all/accept_local"
+	// fwmarkReflect: replies the kernel sends without a socket (a reset
+	// for a connection that ended when the pod was enrolled) carry the
+	// mark of the packet they answer, which the tc program sets to Mark,
+	// so they leave instead of being captured.
+	fwmarkReflect = "/proc/sys/net/ipv4/fwmark_reflect"
 )
 
 // Apply installs the routing in the network namespace at netnsPath for a
@@ -241,11 +246,12 @@ func open(netnsPath string) (*netlink.Handle, int, func(), error) {
 	return h, lo.Attrs().Index, done, nil
 }
 
-// setSysctls writes the namespace's tcp_fwmark_accept and accept_local:
-// net sysctls are those of the namespace of the thread that opens them.
+// setSysctls writes the namespace's tcp_fwmark_accept, accept_local and
+// fwmark_reflect (net sysctls are those of the namespace of the thread
+// that opens them).
 func setSysctls(netnsPath, v string) error {
 	return netnsexec.RunPath(netnsPath, func() error {
-		for _, p := range []string{fwmarkAccept, acceptLocal} {
+		for _, p := range []string{fwmarkAccept, acceptLocal, fwmarkReflect} {
 			if err := os.WriteFile(p, []byte(v), 0); err != nil {
 				return fmt.Errorf("setting %s in %s: %w", p, netnsPath, err)
 			}

@@ -656,7 +656,7 @@ func requireRoot(t *testing.T) {
 
 // newNetns creates a network namespace with lo up, removed when the test
 // ends, and returns its path.
-func newNetns(t testing.TB) string {
+func newNetns(t *testing.T) string {
 	t.Helper()
 	name := fmt.Sprintf("ambit-bpftest-%08x", rand.Uint32())
 	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
@@ -672,7 +672,7 @@ func newNetns(t testing.TB) string {
 	return path
 }
 
-func ipNetns(t testing.TB, nsPath string, args ...string) {
+func ipNetns(t *testing.T, nsPath string, args ...string) {
 	t.Helper()
 	args = append([]string{"-n", filepath.Base(nsPath)}, args...)
 	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
@@ -682,7 +682,7 @@ func ipNetns(t testing.TB, nsPath string, args ...string) {
 
 // newBPFFS mounts a private bpffs for the test's pins and returns its path.
 // Unmounting it releases whatever is still pinned there.
-func newBPFFS(t testing.TB) string {
+func newBPFFS(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
 	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
@@ -697,7 +697,7 @@ func newBPFFS(t testing.TB) string {
 }
 
 // listen opens a plain TCP (not MPTCP) listener in the netns at nsPath.
-func listen(t testing.TB, nsPath, addr string, transparent bool) *net.TCPListener {
+func listen(t *testing.T, nsPath, addr string, transparent bool) *net.TCPListener {
 	t.Helper()
 	var ln net.Listener
 	err := netnsexec.RunPath(nsPath, func() error {
@@ -805,7 +805,7 @@ func assertAttachments(t *testing.T, nsPath string, want int) {
 // addPodInterface gives the netns an eth0 holding addr, as in a pod. It is
 // one end of a veth pair whose other end stays in the netns, because the
 // dummy driver is not in every kernel (not in the lab's).
-func addPodInterface(t testing.TB, nsPath, addr string) {
+func addPodInterface(t *testing.T, nsPath, addr string) {
 	t.Helper()
 	ipNetns(t, nsPath, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
 	ipNetns(t, nsPath, "addr", "add", addr, "dev", "eth0")

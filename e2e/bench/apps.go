@@ -29,7 +29,7 @@ const (
 
 	portHTTP    = 8080  // fortio server
 	portSink    = 5001  // benchnet bulk sink
-	portEcho    = 5002  // benchnet one-byte echo
+	portEcho    = 5002  // benchnet echo (connection rate, round trips)
 	portStunnel = 15443 // stunnel, in both pods of the plain namespace
 
 	annotationRedirection = "ambient.istio.io/redirection"

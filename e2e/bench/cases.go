@@ -79,6 +79,9 @@ var percentiles = []string{"p50", "p90", "p99", "p99.9"}
 // maximum rate) and of case 3's load figures: the ztunnels' CPU and peak
 // RSS over the Ambit runs.
 func (b *bench) latency(ctx context.Context) error {
+	if err := b.roundTrips(ctx); err != nil {
+		return err
+	}
 	for _, load := range []struct {
 		key string
 		qps int
@@ -117,6 +120,36 @@ func (b *bench) latency(ctx context.Context) error {
 					b.res.fail(caseFootprint, err)
 				}
 			}
+		}
+	}
+	return nil
+}
+
+// roundTrips is case 2's figure without idle time: 1 KB round trips on one
+// connection, back to back (benchnet rr), plain then Ambit.
+func (b *bench) roundTrips(ctx context.Context) error {
+	var plain map[string]float64
+	for _, path := range []struct{ key, ns, server string }{{"plain", nsPlain, b.plainServer}, {"ambit", nsMesh, b.meshServer}} {
+		out, err := b.exec(ctx, b.cfg.LatencyTime+time.Minute, path.ns, "client", "main", filepath.Join(b.cfg.ToolDir, "benchnet"), "rr",
+			"-to", fmt.Sprintf("%s:%d", path.server, portEcho), "-size", "1024", "-d", b.cfg.LatencyTime.String())
+		if err != nil {
+			return fmt.Errorf("round trips, %s: %w", path.key, err)
+		}
+		var res netload.RRResult
+		if err := json.Unmarshal(out, &res); err != nil {
+			return fmt.Errorf("round trips, %s: decoding benchnet's result %q: %w", path.key, out, err)
+		}
+		k := "latency.rr." + path.key + "."
+		b.res.record(k+"rps", "round trips/s", res.PerSec)
+		for _, p := range percentiles {
+			b.res.record(k+p, "µs", res.Micros[p])
+		}
+		if path.key == "plain" {
+			plain = res.Micros
+			continue
+		}
+		for _, p := range percentiles {
+			b.res.record("latency.rr.added."+p, "µs", res.Micros[p]-plain[p])
 		}
 	}
 	return nil

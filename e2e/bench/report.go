@@ -217,9 +217,10 @@ func (r *Results) tables() []table {
 			fmt.Sprintf("fortio %s, %d connections (keep-alive), %s per run, 1 µs histogram resolution; POST of 1024 bytes echoed back.", "v1.68.2", cfg.LatencyConns, cfg.LatencyTime),
 			"\"added\" is Ambit minus plain within the same run, then the median over runs; tails of runs this short are noisy and can come out negative.",
 			"At max rate each path runs at its own maximum, so its percentiles are at different loads.",
+			"\"1 connection, back to back\": benchnet rr, 1024-byte messages echoed on one TCP connection, each sent when the one before is back (no idle time between requests, no HTTP); req/s is round trips per second.",
 		},
 	}
-	for _, load := range []struct{ label, key string }{{fmt.Sprintf("%d req/s", cfg.FixedRPS), "fixed"}, {"max", "max"}} {
+	for _, load := range []struct{ label, key string }{{"1 connection, back to back", "rr"}, {fmt.Sprintf("%d req/s", cfg.FixedRPS), "fixed"}, {"max", "max"}} {
 		for _, p := range []struct{ label, key string }{{"plain", "plain"}, {"Ambit", "ambit"}, {"added by Ambit", "added"}} {
 			k := "latency." + load.key + "." + p.key + "."
 			rps := "–"

@@ -22,7 +22,7 @@ func metricKeys() []string {
 			keys = append(keys, "throughput."+v+".ratio", "throughput."+v+".cpu_s_per_gb")
 		}
 	}
-	for _, load := range []string{"fixed", "max"} {
+	for _, load := range []string{"rr", "fixed", "max"} {
 		for _, p := range []string{"plain", "ambit", "added"} {
 			if p != "added" {
 				keys = append(keys, "latency."+load+"."+p+".rps")
@@ -30,6 +30,9 @@ func metricKeys() []string {
 			for _, q := range percentiles {
 				keys = append(keys, "latency."+load+"."+p+"."+q)
 			}
+		}
+		if load == "rr" {
+			continue
 		}
 		for _, n := range []string{"node-1", "node-2"} {
 			keys = append(keys, "footprint."+load+".ztunnel-"+n+".vcpu_per_krps", "footprint."+load+".ztunnel-"+n+".peak_rss_mb")

@@ -1,6 +1,6 @@
 // Package netload is the bench's own TCP load: a bulk sender and sink that
-// measure throughput from the receiver's count, and a connection-rate
-// client with its echo server. It runs inside the lab's pods (command
+// measure throughput from the receiver's count, a connection-rate client
+// and a round-trip client, with their echo server. It runs inside the lab's pods (command
 // benchnet); the harness reads its JSON results.
 //
 // It measures what crossed the path, not what the sender wrote: the sink
@@ -17,8 +17,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"time"
 )
@@ -78,7 +80,7 @@ func Serve(ctx context.Context, sinkAddr, echoAddr string) error {
 		}
 	}
 	if echoAddr != "" {
-		if err := serve(echoAddr, echoOnce); err != nil {
+		if err := serve(echoAddr, echo); err != nil {
 			return err
 		}
 	}
@@ -114,17 +116,97 @@ func sink(c net.Conn) {
 	}
 }
 
-// echoOnce answers one byte with one byte and closes first, so that
-// TIME_WAIT stays on the server side and a client making thousands of
-// connections a second does not run out of ports.
-func echoOnce(c net.Conn) {
+// rrMode is the first byte of a round-trip client: the echo then sends
+// back whatever it reads until the client goes.
+const rrMode = 'r'
+
+// echo answers one byte with one byte and closes first, so that TIME_WAIT
+// stays on the server side and a client making thousands of connections a
+// second does not run out of ports. A first byte of rrMode instead turns
+// the connection into a plain echo (RoundTrips).
+func echo(c net.Conn) {
 	defer func() { _ = c.Close() }()
 	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
 	var b [1]byte
 	if _, err := io.ReadFull(c, b[:]); err != nil {
 		return
 	}
+	if b[0] == rrMode {
+		_ = c.SetDeadline(time.Time{})
+		_, _ = io.CopyBuffer(c, c, make([]byte, 64<<10))
+		return
+	}
 	_, _ = c.Write(b[:])
+}
+
+// RRResult is one round-trip run: the rate and the percentiles of the time
+// from writing a message to having read its echo back, in µs.
+type RRResult struct {
+	RoundTrips int                `json:"roundTrips"`
+	PerSec     float64            `json:"perSec"`
+	Micros     map[string]float64 `json:"micros"` // "p50", "p90", "p99", "p99.9"
+}
+
+// RoundTrips sends size-byte messages on one connection to an echo server,
+// each after the echo of the one before is back, for d, and times each
+// round trip; those in the first warmup are left out.
+func RoundTrips(ctx context.Context, addr string, size int, d, warmup time.Duration) (RRResult, error) {
+	if size < 1 {
+		return RRResult{}, errors.New("size must be at least 1")
+	}
+	var dialer net.Dialer
+	c, err := dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return RRResult{}, err
+	}
+	defer func() { _ = c.Close() }()
+	start := time.Now()
+	if err := c.SetDeadline(start.Add(d + 10*time.Second)); err != nil {
+		return RRResult{}, err
+	}
+	if _, err := c.Write([]byte{rrMode}); err != nil {
+		return RRResult{}, err
+	}
+	msg, back := make([]byte, size), make([]byte, size)
+	rtts := make([]time.Duration, 0, 1<<16)
+	for ctx.Err() == nil {
+		t0 := time.Now()
+		if t0.Sub(start) >= d {
+			break
+		}
+		if _, err := c.Write(msg); err != nil {
+			return RRResult{}, err
+		}
+		if _, err := io.ReadFull(c, back); err != nil {
+			return RRResult{}, err
+		}
+		if t0.Sub(start) >= warmup {
+			rtts = append(rtts, time.Since(t0))
+		}
+	}
+	if len(rtts) == 0 {
+		return RRResult{}, fmt.Errorf("no round trip to %s after the warm-up", addr)
+	}
+	return RRResult{
+		RoundTrips: len(rtts),
+		PerSec:     float64(len(rtts)) / (d - warmup).Seconds(),
+		Micros:     percentilesMicros(rtts),
+	}, nil
+}
+
+// percentilesMicros returns p50, p90, p99 and p99.9 of ds (nearest rank),
+// in µs. It sorts ds.
+func percentilesMicros(ds []time.Duration) map[string]float64 {
+	slices.Sort(ds)
+	out := map[string]float64{}
+	for _, p := range []struct {
+		name string
+		q    float64
+	}{{"p50", 0.50}, {"p90", 0.90}, {"p99", 0.99}, {"p99.9", 0.999}} {
+		i := int(math.Ceil(p.q*float64(len(ds)))) - 1
+		out[p.name] = float64(ds[max(i, 0)]) / float64(time.Microsecond)
+	}
+	return out
 }
 
 // SendResult is one bulk run.

@@ -43,6 +43,24 @@ func TestStreamRate(t *testing.T) {
 	}
 }
 
+func TestPercentilesMicros(t *testing.T) {
+	us := time.Microsecond
+	ds := make([]time.Duration, 1000)
+	for i := range ds {
+		ds[len(ds)-1-i] = time.Duration(i+1) * us // 1000 µs down to 1 µs
+	}
+	got := percentilesMicros(ds)
+	want := map[string]float64{"p50": 500, "p90": 900, "p99": 990, "p99.9": 999}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("%s = %v, want %v", k, got[k], v)
+		}
+	}
+	if one := percentilesMicros([]time.Duration{7 * us}); one["p50"] != 7 || one["p99.9"] != 7 {
+		t.Errorf("one sample: %v, want 7 everywhere", one)
+	}
+}
+
 // TestLoopback runs the sink, the echo and both clients over loopback.
 func TestLoopback(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
@@ -69,6 +87,13 @@ func TestLoopback(t *testing.T) {
 	}
 	if cr.Conns == 0 || cr.Errors != 0 || cr.PerSec <= 0 {
 		t.Errorf("Conns: %+v", cr)
+	}
+	rr, err := RoundTrips(ctx, echoAddr, 1024, 300*time.Millisecond, 50*time.Millisecond)
+	if err != nil {
+		t.Fatalf("RoundTrips: %v", err)
+	}
+	if rr.RoundTrips == 0 || rr.PerSec <= 0 || rr.Micros["p50"] <= 0 || rr.Micros["p50"] > rr.Micros["p99.9"] {
+		t.Errorf("RoundTrips: %+v", rr)
 	}
 	cancel()
 	if err := <-served; err != nil {

@@ -1,6 +1,7 @@
 // Command benchnet is the bench's TCP load inside the lab's pods (package
 // netload): `benchnet serve` in the server pod, `benchnet send` (bulk
-// throughput) and `benchnet conns` (connection rate) run with kubectl exec
+// throughput), `benchnet conns` (connection rate) and `benchnet rr` (round
+// trips on one connection) run with kubectl exec
 // in the client pod, printing one JSON result on stdout.
 package main
 
@@ -26,7 +27,7 @@ func main() {
 
 func run(args []string) error {
 	if len(args) == 0 {
-		return fmt.Errorf("usage: benchnet serve|send|conns [flags]")
+		return fmt.Errorf("usage: benchnet serve|send|conns|rr [flags]")
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -34,7 +35,7 @@ func run(args []string) error {
 	switch args[0] {
 	case "serve":
 		sink := fs.String("sink", ":5001", "bulk sink address (empty: none)")
-		echo := fs.String("echo", ":5002", "one-byte echo address for the connection rate (empty: none)")
+		echo := fs.String("echo", ":5002", "echo address for the connection rate and round trips (empty: none)")
 		if err := fs.Parse(args[1:]); err != nil {
 			return err
 		}
@@ -67,7 +68,23 @@ func run(args []string) error {
 			return err
 		}
 		return json.NewEncoder(os.Stdout).Encode(res)
+	case "rr":
+		to := fs.String("to", "", "echo address, host:port")
+		size := fs.Int("size", 1024, "message size, bytes")
+		d := fs.Duration("d", 3*time.Second, "duration")
+		warmup := fs.Duration("warmup", 0, "left out (default: a fifth of -d, at most 1s)")
+		if err := fs.Parse(args[1:]); err != nil {
+			return err
+		}
+		if *warmup == 0 {
+			*warmup = min(*d/5, time.Second)
+		}
+		res, err := netload.RoundTrips(ctx, *to, *size, *d, *warmup)
+		if err != nil {
+			return err
+		}
+		return json.NewEncoder(os.Stdout).Encode(res)
 	default:
-		return fmt.Errorf("unknown subcommand %q: want serve, send or conns", args[0])
+		return fmt.Errorf("unknown subcommand %q: want serve, send, conns or rr", args[0])
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
@@ -49,7 +50,40 @@ const (
 
 	handshakeTimeout = 10 * time.Second
 	closeTimeout     = time.Second // for the last frames of a closing connection
+
+	// A connection on which nothing arrived for keepaliveInterval gets a
+	// PING; if nothing arrives within keepaliveTimeout of it, the peer is
+	// taken for gone and the connection fails (its streams with it), so
+	// that a pooled connection to a dead node or a partitioned one does not
+	// take new streams for the kernel's retransmission timeout (about 15
+	// minutes). Rust ztunnel's pool uses the same PING keepalive.
+	defaultKeepaliveInterval = 10 * time.Second
+	defaultKeepaliveTimeout  = 20 * time.Second
 )
+
+// errKeepaliveTimeout fails a connection whose peer did not answer a
+// keepalive PING in time.
+var errKeepaliveTimeout = errors.New("hbone: peer did not answer a keepalive PING in time")
+
+// keepalive is a connection's PING keepalive; zero interval: none.
+type keepalive struct {
+	interval, timeout time.Duration
+}
+
+// keepaliveDefaults applies the options' defaults: zero is the default, a
+// negative interval turns the keepalive off (interval 0).
+func keepaliveDefaults(interval, timeout time.Duration) (time.Duration, time.Duration) {
+	switch {
+	case interval == 0:
+		interval = defaultKeepaliveInterval
+	case interval < 0:
+		return 0, 0
+	}
+	if timeout <= 0 {
+		timeout = defaultKeepaliveTimeout
+	}
+	return interval, timeout
+}
 
 var clientPreface = []byte(http2.ClientPreface)
 
@@ -98,6 +132,7 @@ type conn struct {
 	// Set before start and not changed after.
 	maxStreams  uint32        // server: SETTINGS_MAX_CONCURRENT_STREAMS
 	idleTimeout time.Duration // client: close when idle this long
+	keepalive   keepalive
 	onStream    func(s *stream, req *Request)
 	onDrain     func(c *conn) // no new streams from now on (called once, without locks)
 	onClose     func(c *conn)
@@ -127,6 +162,9 @@ type conn struct {
 	err         error
 	idleTimer   *time.Timer
 	done        chan struct{}
+
+	// framesRead counts the frames read: the keepalive's sign of life.
+	framesRead atomic.Uint64
 
 	// Owned by the frame reader. The scratch holds small control payloads
 	// and dropped DATA; it is small because every connection has one.
@@ -167,6 +205,9 @@ func newConn(r role, raw net.Conn, w *wire, tc *tls.Conn, log *slog.Logger) *con
 func (c *conn) start() error {
 	c.w.direct = false
 	go c.w.run()
+	if c.keepalive.interval > 0 {
+		go c.keepaliveLoop()
+	}
 	settings := []http2.Setting{
 		{ID: http2.SettingInitialWindowSize, Val: streamWindow},
 		{ID: http2.SettingMaxFrameSize, Val: maxFrameSize},
@@ -224,6 +265,7 @@ func (c *conn) readFrames() error {
 			}
 			return err
 		}
+		c.framesRead.Add(1)
 		if !c.sawSettings {
 			// RFC 9113 section 3.4: the preface ends with a SETTINGS frame.
 			if fh.Type != http2.FrameSettings || fh.Flags.Has(http2.FlagSettingsAck) {
@@ -426,6 +468,41 @@ func (c *conn) readPing(fh http2.FrameHeader) error {
 	_ = c.fr.WritePing(true, data) // queued: a write error is sticky in c.w and surfaces on the next flush
 	c.wmu.Unlock()
 	return nil
+}
+
+// keepaliveLoop sends a PING when nothing arrived for an interval and fails
+// the connection when nothing arrives within the timeout after it. Any
+// frame counts as an answer: a busy peer's DATA is as good as its PING ACK.
+func (c *conn) keepaliveLoop() {
+	t := time.NewTimer(c.keepalive.interval)
+	defer t.Stop()
+	last := c.framesRead.Load()
+	pinged := false
+	for n := uint64(1); ; n++ {
+		select {
+		case <-c.done:
+			return
+		case <-t.C:
+		}
+		now := c.framesRead.Load()
+		switch {
+		case now != last:
+			last, pinged = now, false
+			t.Reset(c.keepalive.interval)
+		case pinged:
+			c.log.Info("hbone: closing connection: keepalive PING unanswered", "peer", c.raw.RemoteAddr(), "timeout", c.keepalive.timeout)
+			c.fail(errKeepaliveTimeout)
+			return
+		default:
+			var data [8]byte
+			binary.BigEndian.PutUint64(data[:], n)
+			c.wmu.Lock()
+			_ = c.fr.WritePing(false, data) // queued: a write error is sticky in c.w and fails the connection
+			c.wmu.Unlock()
+			pinged = true
+			t.Reset(c.keepalive.timeout)
+		}
+	}
 }
 
 func (c *conn) readReset(fh http2.FrameHeader) error {

@@ -33,6 +33,12 @@ type PoolOptions struct {
 	// IdleTimeout closes connections without streams for this long
 	// (default 5 minutes; negative: never).
 	IdleTimeout time.Duration
+	// KeepaliveInterval is how long a connection may go without receiving
+	// anything before the pool PINGs the peer (default 10s; negative:
+	// never), and KeepaliveTimeout how long it then waits for anything to
+	// arrive before it fails the connection and its streams (default 20s).
+	KeepaliveInterval time.Duration
+	KeepaliveTimeout  time.Duration
 	// DialTimeout bounds the TCP connect and TLS handshake (default 10s).
 	// A dial is shared by the Connects waiting for it, so it is not
 	// cancelled with any one of them.
@@ -78,6 +84,7 @@ func NewPool(o PoolOptions) *Pool {
 	if o.DialTimeout <= 0 {
 		o.DialTimeout = handshakeTimeout
 	}
+	o.KeepaliveInterval, o.KeepaliveTimeout = keepaliveDefaults(o.KeepaliveInterval, o.KeepaliveTimeout)
 	if o.Dial == nil {
 		o.Dial = func(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
 			var d net.Dialer
@@ -222,6 +229,7 @@ func (p *Pool) open(ctx context.Context, k Key) (*conn, error) {
 	}
 	c := newConn(clientRole, raw, w, tc, p.log)
 	c.idleTimeout = p.o.IdleTimeout
+	c.keepalive = keepalive{p.o.KeepaliveInterval, p.o.KeepaliveTimeout}
 	c.onDrain = func(c *conn) { p.remove(k, c) }
 	if err := c.start(); err != nil {
 		c.fail(err)

@@ -27,6 +27,12 @@ type ServerOptions struct {
 	Handler Handler
 	// MaxConcurrentStreams is advertised per connection (default 1000).
 	MaxConcurrentStreams uint32
+	// KeepaliveInterval and KeepaliveTimeout are as in PoolOptions: a
+	// client that goes silent is PINGed and, failing an answer, its
+	// connection and streams are closed (defaults 10s and 20s; a negative
+	// interval: never).
+	KeepaliveInterval time.Duration
+	KeepaliveTimeout  time.Duration
 	// Log receives rejected requests and connection-level events; nil
 	// means slog.Default().
 	Log *slog.Logger
@@ -53,6 +59,7 @@ func NewServer(o ServerOptions) *Server {
 	if o.MaxConcurrentStreams == 0 {
 		o.MaxConcurrentStreams = defaultServerStreams
 	}
+	o.KeepaliveInterval, o.KeepaliveTimeout = keepaliveDefaults(o.KeepaliveInterval, o.KeepaliveTimeout)
 	s := &Server{
 		o:         o,
 		log:       o.Log,
@@ -180,6 +187,7 @@ func (srv *Server) handshake(raw net.Conn) (*conn, error) {
 	_ = raw.SetDeadline(time.Time{}) // a failing socket fails the first read/write
 	c := newConn(serverRole, raw, w, tc, srv.log)
 	c.maxStreams = srv.o.MaxConcurrentStreams
+	c.keepalive = keepalive{srv.o.KeepaliveInterval, srv.o.KeepaliveTimeout}
 	c.onStream = srv.startStream
 	return c, nil
 }

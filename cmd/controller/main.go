@@ -98,7 +98,17 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	caServer, err := ca.NewServer(authority, cs, ca.ServerOptions{Log: log.With("component", "ca"), Registerer: ctrlmetrics.Registry})
+	// The node check reads pods from the manager's cache (the API server
+	// only when the cache lacks a pod), not a list of the node's pods per
+	// certificate.
+	if err := ca.IndexPodsByNode(ctx, mgr.GetFieldIndexer()); err != nil {
+		return fmt.Errorf("indexing pods by node: %w", err)
+	}
+	caServer, err := ca.NewServer(authority, cs, ca.ServerOptions{
+		Log:        log.With("component", "ca"),
+		Registerer: ctrlmetrics.Registry,
+		Pods:       ca.CachedPods(mgr.GetCache(), ca.APIPods(cs)),
+	})
 	if err != nil {
 		return err
 	}

@@ -9,7 +9,9 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 )
 
 // ErrPodNotFound is returned by Pods.Get for a pod that does not exist.
@@ -48,9 +50,14 @@ func (a apiPods) OnNode(ctx context.Context, node string) ([]PodRef, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listing pods on node %s: %w", node, err)
 	}
-	out := make([]PodRef, 0, len(list.Items))
-	for i := range list.Items {
-		pod := &list.Items[i]
+	return running(list.Items, node), nil
+}
+
+// running returns the pods of list on node that have not terminated.
+func running(list []corev1.Pod, node string) []PodRef {
+	out := make([]PodRef, 0, len(list))
+	for i := range list {
+		pod := &list[i]
 		// A pod that has terminated runs no workload to ask for; Istio's
 		// node authorizer drops Failed pods the same way.
 		if pod.Spec.NodeName != node || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
@@ -58,8 +65,59 @@ func (a apiPods) OnNode(ctx context.Context, node string) ([]PodRef, error) {
 		}
 		out = append(out, podRef(pod))
 	}
-	return out, nil
+	return out
 }
+
+// NodeNameField is the field index CachedPods lists pods by.
+const NodeNameField = "spec.nodeName"
+
+// IndexPodsByNode registers the field index CachedPods needs; call it on
+// the manager's field indexer before the manager starts.
+func IndexPodsByNode(ctx context.Context, indexer client.FieldIndexer) error {
+	return indexer.IndexField(ctx, &corev1.Pod{}, NodeNameField, PodNodeName)
+}
+
+// PodNodeName is the NodeNameField index's value of a pod.
+func PodNodeName(o client.Object) []string {
+	return []string{o.(*corev1.Pod).Spec.NodeName}
+}
+
+// CachedPods is Pods read from a cache (the controller's informers, as
+// istiod reads them), with live as the authority on what the cache may not
+// have yet: Get asks live for a pod the cache lacks, and the server asks
+// live's OnNode again (Fresh) before it refuses a node tunnel, so that a
+// pod scheduled a moment ago is never refused. A certificate request then
+// costs the API server nothing in the usual case, instead of a list of the
+// node's pods. The cache must index pods by NodeNameField.
+func CachedPods(cache client.Reader, live Pods) Pods { return cachedPods{cache: cache, live: live} }
+
+type cachedPods struct {
+	cache client.Reader
+	live  Pods
+}
+
+func (c cachedPods) Get(ctx context.Context, namespace, name string) (PodRef, error) {
+	var pod corev1.Pod
+	err := c.cache.Get(ctx, types.NamespacedName{Namespace: namespace, Name: name}, &pod)
+	if apierrors.IsNotFound(err) {
+		return c.live.Get(ctx, namespace, name)
+	}
+	if err != nil {
+		return PodRef{}, fmt.Errorf("getting pod %s/%s from the cache: %w", namespace, name, err)
+	}
+	return podRef(&pod), nil
+}
+
+func (c cachedPods) OnNode(ctx context.Context, node string) ([]PodRef, error) {
+	var list corev1.PodList
+	if err := c.cache.List(ctx, &list, client.MatchingFields{NodeNameField: node}); err != nil {
+		return nil, fmt.Errorf("listing pods on node %s from the cache: %w", node, err)
+	}
+	return running(list.Items, node), nil
+}
+
+// Fresh returns the live Pods, which the server asks before it refuses.
+func (c cachedPods) Fresh() Pods { return c.live }
 
 func podRef(pod *corev1.Pod) PodRef {
 	sa := pod.Spec.ServiceAccountName

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -199,7 +200,7 @@ func (s *Server) createCertificate(ctx context.Context, req *pb.IstioCertificate
 			}
 		}
 	}
-	if err := s.policy.authorize(caller, id, pods); err != nil {
+	if err := s.authorize(ctx, caller, id, pods); err != nil {
 		return nil, &caller, requested, err
 	}
 
@@ -208,6 +209,23 @@ func (s *Server) createCertificate(ctx context.Context, req *pb.IstioCertificate
 		return nil, &caller, requested, refuse(codes.Internal, ReasonSigningFailed, "%v", err)
 	}
 	return chain, &caller, requested, nil
+}
+
+// authorize is policy.authorize, asked once more with the node's pods read
+// fresh when they came from a cache (CachedPods) and the answer was that
+// no pod of the identity is on the node.
+func (s *Server) authorize(ctx context.Context, caller Caller, id spiffeid.ID, pods []PodRef) error {
+	err := s.policy.authorize(caller, id, pods)
+	var r *Refusal
+	fresh, cached := s.pods.(interface{ Fresh() Pods })
+	if !cached || !errors.As(err, &r) || r.Reason != ReasonNotOnNode {
+		return err
+	}
+	pods, lerr := fresh.Fresh().OnNode(ctx, caller.NodeName)
+	if lerr != nil {
+		return refuse(codes.Unavailable, ReasonPodLookupFailed, "%v", lerr)
+	}
+	return s.policy.authorize(caller, id, pods)
 }
 
 // callerNode fills in the caller's node from its pod when the token did

@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"net/url"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,7 +22,11 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 	pb "istio.io/api/security/v1alpha1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
+	crfake "sigs.k8s.io/controller-runtime/pkg/client/fake"
 
 	"github.com/ambitmesh/ambit/controller/ca"
 	"github.com/ambitmesh/ambit/controller/ca/catest"
@@ -308,4 +313,63 @@ func counter(t *testing.T, reg *prometheus.Registry, name, reason string) float6
 		t.Fatalf("no metric %s", name)
 	}
 	return 0
+}
+
+// countingPods is the live Pods behind a cache, counting its node lists.
+type countingPods struct {
+	ca.Pods
+	onNode atomic.Int32
+}
+
+func (c *countingPods) OnNode(ctx context.Context, node string) ([]ca.PodRef, error) {
+	c.onNode.Add(1)
+	return c.Pods.OnNode(ctx, node)
+}
+
+// TestCachedPods checks the node check read from a cache: a pod the cache
+// has costs no API call, a pod it does not have yet is found live before a
+// refusal, and a refusal stays one.
+func TestCachedPods(t *testing.T) {
+	live := &countingPods{}
+	// The cache lacks shop/pay-2, as an informer would for a pod
+	// scheduled a moment ago.
+	pod := func(ns, name, sa, node string) *corev1.Pod {
+		return &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, UID: types.UID(ns + "-" + name + "-uid")},
+			Spec:       corev1.PodSpec{ServiceAccountName: sa, NodeName: node},
+			Status:     corev1.PodStatus{Phase: corev1.PodRunning},
+		}
+	}
+	cache := crfake.NewClientBuilder().
+		WithIndex(&corev1.Pod{}, ca.NodeNameField, ca.PodNodeName).
+		WithObjects(pod("istio-system", "ztunnel-1", "ztunnel", "node-1"), pod("istio-system", "ztunnel-2", "ztunnel", "node-2"),
+			pod("shop", "cart-1", "cart", "node-1")).
+		Build()
+	env := cluster(t, catest.Options{Server: ca.ServerOptions{Pods: ca.CachedPods(cache, live)}})
+	live.Pods = ca.APIPods(env.Client)
+	env.AddToken("ztunnel-2", catest.Token{Namespace: "istio-system", ServiceAccount: "ztunnel",
+		PodName: "ztunnel-2", PodUID: "istio-system-ztunnel-2-uid", NodeName: "node-2"})
+
+	fetch := func(token, id string) error {
+		_, err := client(t, env, token).Fetch(t.Context(), spiffeid.RequireFromString(id))
+		return err
+	}
+	if err := fetch("ztunnel-1", cart); err != nil {
+		t.Fatalf("ztunnel-1 for cart (in the cache): %v", err)
+	}
+	if n := live.onNode.Load(); n != 0 {
+		t.Errorf("%d live lists for a pod in the cache, want 0", n)
+	}
+	if err := fetch("ztunnel-2", pay); err != nil {
+		t.Fatalf("ztunnel-2 for pay (not yet in the cache): %v", err)
+	}
+	if n := live.onNode.Load(); n != 1 {
+		t.Errorf("%d live lists for a pod missing from the cache, want 1", n)
+	}
+	if err := fetch("ztunnel-1", pay); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("ztunnel-1 for pay (on node-2): %v, want PermissionDenied", err)
+	}
+	if got := counter(t, env.Metrics, "ambit_ca_refusals_total", ca.ReasonNotOnNode); got != 1 {
+		t.Errorf("refusals{reason=%q} = %v, want 1", ca.ReasonNotOnNode, got)
+	}
 }

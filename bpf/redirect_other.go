@@ -33,3 +33,19 @@ func AttachedTo(netnsPath string) (bool, error) { return false, ErrNotSupported 
 func RegisterListener(m *ebpf.Map, slot uint32, ln syscall.Conn) error {
 	return ErrNotSupported
 }
+
+// ConnectionKeeper marks a namespace's connections; on this system it
+// cannot exist.
+type ConnectionKeeper struct{}
+
+// NewConnectionKeeper returns ErrNotSupported.
+func NewConnectionKeeper(mark uint32) (*ConnectionKeeper, error) { return nil, ErrNotSupported }
+
+// Keep returns ErrNotSupported.
+func (*ConnectionKeeper) Keep(netnsPath string) (int, error) { return 0, ErrNotSupported }
+
+// KeepStragglers returns ErrNotSupported.
+func (*ConnectionKeeper) KeepStragglers(netnsPath string) (int, error) { return 0, ErrNotSupported }
+
+// Close does nothing.
+func (*ConnectionKeeper) Close() error { return nil }

@@ -230,6 +230,9 @@ func captureScenario(t *testing.T, ctx context.Context, l *lab.Lab, cs kubernete
 	})
 
 	t.Run("label: HBONE within 2s, no failed request, no restart", func(t *testing.T) {
+		// A keep-alive connection opened before the label goes on after
+		// it: only new connections are captured, as with Istio.
+		kept := keepAlive(ctx, t, l, ns, "http://echo."+ns+".svc.cluster.local/", 24)
 		labelled := time.Now()
 		kubectl("label", "namespace", ns, "istio.io/dataplane-mode=ambient")
 		// Every request after the label must succeed; enrolment must be
@@ -251,6 +254,7 @@ func captureScenario(t *testing.T, ctx context.Context, l *lab.Lab, cs kubernete
 			}
 			return ts > enrolled.UnixNano()+int64(500*time.Millisecond)
 		})
+		kept()
 		// Every new connection is HBONE: no SYN to the app on the
 		// underlay. (A last packet of a connection opened before the
 		// switch may still pass: in eBPF mode such a connection is
@@ -324,9 +328,9 @@ func captureScenario(t *testing.T, ctx context.Context, l *lab.Lab, cs kubernete
 			return len(pods.Items) == 0, fmt.Sprintf("%d ztunnel pods on node-2", len(pods.Items))
 		})
 		flushLines(lines)
-		_, p, _ := hbonePackets(true)
+		_, p, pcap := hbonePackets(true)
 		if p != 0 {
-			t.Errorf("%d plaintext packets to the app while the client's ztunnel was down", p)
+			t.Errorf("%d plaintext packets to the app while the client's ztunnel was down:\n%s", p, packets(t, pcap, "tcp port 8080"))
 		}
 		kubectl("-n", "istio-system", "patch", "ds", "ztunnel", "--type=json", `-p=[{"op":"remove","path":"/spec/template/spec/affinity"}]`)
 		kubectl("-n", "istio-system", "rollout", "status", "ds/ztunnel", "--timeout=120s")
@@ -468,6 +472,59 @@ func grepLines(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// keepAlive starts n requests to url on one keep-alive connection from
+// the client pod, four a second, and returns once the first is answered;
+// the function it returns waits for the rest and checks that every one was
+// answered on that same connection.
+func keepAlive(ctx context.Context, t *testing.T, l *lab.Lab, ns, url string, n int) func() {
+	t.Helper()
+	args := []string{"-n", ns, "exec", "client", "--", "curl", "-s", "--rate", "4/s", "-m", "30", "-w", "%{http_code} %{num_connects}\n"}
+	for range n {
+		args = append(args, "-o", "/dev/null", url) // curl pairs each -o with a URL
+	}
+	cmd := l.KubectlCmd(ctx, args...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	results := make(chan string, n)
+	go func() {
+		s := bufio.NewScanner(out)
+		for s.Scan() {
+			results <- s.Text()
+		}
+		close(results)
+	}()
+	var got []string
+	select {
+	case r, ok := <-results:
+		if !ok {
+			t.Fatalf("keep-alive curl ended before its first answer: %v", cmd.Wait())
+		}
+		got = append(got, r)
+	case <-time.After(30 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatal("keep-alive curl: no first answer in 30 s")
+	}
+	return func() {
+		t.Helper()
+		for r := range results {
+			got = append(got, r)
+		}
+		_ = cmd.Wait()
+		want := []string{"200 1"}
+		for range n - 1 {
+			want = append(want, "200 0") // answered, on the connection already open
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("a keep-alive connection open across the label: got (code, new connections) %q, want %q", got, want)
+		}
+	}
 }
 
 func flushLines(lines <-chan string) {

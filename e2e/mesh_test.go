@@ -592,6 +592,13 @@ func (c *capture) stop(t *testing.T) []byte {
 
 func countPackets(t *testing.T, pcap []byte, filter string) int {
 	t.Helper()
+	return len(lines(packets(t, pcap, filter)))
+}
+
+// packets returns tcpdump's lines for the packets of pcap that match
+// filter, for failure messages.
+func packets(t *testing.T, pcap []byte, filter string) string {
+	t.Helper()
 	f := filepath.Join(t.TempDir(), "c.pcap")
 	if err := os.WriteFile(f, pcap, 0o644); err != nil {
 		t.Fatal(err)
@@ -600,7 +607,7 @@ func countPackets(t *testing.T, pcap []byte, filter string) int {
 	if err != nil {
 		t.Fatalf("tcpdump -r: %v", err)
 	}
-	return len(lines(string(out)))
+	return string(out)
 }
 
 // testForgedCSR asks the CA, with the token of node-1's ztunnel, for the

@@ -12,6 +12,8 @@
 //     Kubelet's probes reach the app directly: the tc program puts Mark
 //     on their SYNs, which tcp_fwmark_accept hands to the app's accepted
 //     socket, so the app's replies leave through the main table.
+//   - connections the pod had before: a first Apply marks them with Mark
+//     (bpf.ConnectionKeeper), so they finish uncaptured, as with Istio.
 //   - return path: ztunnel dials the app from the client's address with
 //     InboundMark; net.ipv4.tcp_fwmark_accept makes the app's accepted
 //     socket carry that mark, so its replies look up InboundTable (every
@@ -33,6 +35,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/ambitmesh/ambit/bpf"
 	"github.com/ambitmesh/ambit/internal/netnsexec"
 	"github.com/ambitmesh/ambit/ztunnel/inpod"
 )
@@ -69,8 +72,9 @@ const (
 
 // Apply installs the routing in the network namespace at netnsPath for a
 // pod with addresses podIPs (the first IPv4 one is the source of its
-// outbound connections). It is idempotent.
-func Apply(netnsPath string, podIPs []netip.Addr) error {
+// outbound connections). It is idempotent. With a keeper, the first Apply
+// marks the pod's connections first (see keepConnections).
+func Apply(netnsPath string, podIPs []netip.Addr, keeper *bpf.ConnectionKeeper) error {
 	var src netip.Addr
 	for _, ip := range podIPs {
 		if ip.Unmap().Is4() {
@@ -98,12 +102,31 @@ func Apply(netnsPath string, podIPs []netip.Addr) error {
 	if err := setSysctls(netnsPath, "1"); err != nil {
 		return err
 	}
+	first, err := firstApply(h, netnsPath)
+	if err != nil {
+		return err
+	}
 	// Rules last: once they are in, everything they send somewhere has
 	// somewhere to go. A rule already there stays: deleting and adding it
 	// again would open a window in which the pod's traffic leaves
-	// uncaptured (Apply runs again when the agent restarts).
-	if err := addRules(h, netlink.FAMILY_V4, netnsPath); err != nil {
+	// uncaptured (Apply runs again when the agent restarts). The rules for
+	// marked packets first: the return path of ztunnel's deliveries is
+	// needed as soon as ztunnel has the pod.
+	if err := addRules(h, netlink.FAMILY_V4, netnsPath, InboundPref, ExemptPref); err != nil {
 		return err
+	}
+	if first && keeper != nil {
+		if _, err := keeper.Keep(netnsPath); err != nil {
+			return fmt.Errorf("keeping the connections open before enrolment: %w", err)
+		}
+	}
+	if err := addRules(h, netlink.FAMILY_V4, netnsPath, OutboundPref); err != nil {
+		return err
+	}
+	if first && keeper != nil {
+		if _, err := keeper.KeepStragglers(netnsPath); err != nil {
+			return fmt.Errorf("keeping the connections opened during enrolment: %w", err)
+		}
 	}
 	if !slices.ContainsFunc(podIPs, func(ip netip.Addr) bool { return ip.Is6() && !ip.Is4In6() }) {
 		return nil
@@ -114,16 +137,38 @@ func Apply(netnsPath string, podIPs []netip.Addr) error {
 	if err := h.RouteReplace(&netlink.Route{Type: unix.RTN_PROHIBIT, Table: OutboundTable, Dst: anyV6(), Family: netlink.FAMILY_V6}); err != nil {
 		return fmt.Errorf("adding the IPv6 prohibit route in %s: %w", netnsPath, err)
 	}
-	return addRules(h, netlink.FAMILY_V6, netnsPath)
+	return addRules(h, netlink.FAMILY_V6, netnsPath, ExemptPref, OutboundPref)
 }
 
-// addRules adds family's rules that are not there yet.
-func addRules(h *netlink.Handle, family int, netnsPath string) error {
+// firstApply reports whether the capture rule is not in yet: a first
+// enrolment, on which the pod's open connections are marked with Mark
+// (bpf.ConnectionKeeper), so that the exempt rule sends them to the main
+// table: a connection made before the pod was enrolled keeps going
+// uncaptured, as with Istio's capture, instead of being reset when the
+// capture rule loops its next packet to lo. Not on a re-apply: the pod's
+// connections then go through ztunnel, and marked they would leave it.
+func firstApply(h *netlink.Handle, netnsPath string) (bool, error) {
+	have, err := h.RuleList(netlink.FAMILY_V4)
+	if err != nil {
+		return false, fmt.Errorf("listing rules in %s: %w", netnsPath, err)
+	}
+	return !slices.ContainsFunc(have, func(r netlink.Rule) bool { return r.Priority == OutboundPref && r.Table == OutboundTable }), nil
+}
+
+// addRules adds family's rules of the preferences prefs, in that order,
+// that are not there yet.
+func addRules(h *netlink.Handle, family int, netnsPath string, prefs ...int) error {
 	have, err := h.RuleList(family)
 	if err != nil {
 		return fmt.Errorf("listing rules in %s: %w", netnsPath, err)
 	}
-	for _, r := range rules(family) {
+	all := rules(family)
+	for _, pref := range prefs {
+		i := slices.IndexFunc(all, func(r *netlink.Rule) bool { return r.Priority == pref })
+		if i < 0 {
+			continue
+		}
+		r := all[i]
 		if slices.ContainsFunc(have, func(o netlink.Rule) bool { return o.Priority == r.Priority && o.Table == r.Table }) {
 			continue
 		}

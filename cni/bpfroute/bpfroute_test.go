@@ -2,12 +2,19 @@ package bpfroute
 
 import (
 	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ambitmesh/ambit/bpf"
+	"github.com/ambitmesh/ambit/internal/netnsexec"
 )
 
 func requireRoot(t *testing.T) {
@@ -56,7 +63,7 @@ func TestApplyRemove(t *testing.T) {
 	name, path := newNetns(t)
 	pod := []netip.Addr{netip.MustParseAddr("10.99.0.2")}
 	for range 2 {
-		if err := Apply(path, pod); err != nil {
+		if err := Apply(path, pod, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -123,7 +130,7 @@ func TestApplyRemove(t *testing.T) {
 func TestApplyNeedsIPv4(t *testing.T) {
 	requireRoot(t)
 	_, path := newNetns(t)
-	err := Apply(path, []netip.Addr{netip.MustParseAddr("fd00::2")})
+	err := Apply(path, []netip.Addr{netip.MustParseAddr("fd00::2")}, nil)
 	if err == nil || !strings.Contains(err.Error(), "IPv4") {
 		t.Fatalf("Apply with only IPv6: %v, want an IPv4 error", err)
 	}
@@ -142,7 +149,7 @@ func TestIPv6FailsClosed(t *testing.T) {
 	ip(t, "-n", name, "-6", "route", "add", "default", "dev", "eth0")
 	pod := []netip.Addr{netip.MustParseAddr("10.99.0.2"), netip.MustParseAddr("fd00::2")}
 	for range 2 {
-		if err := Apply(path, pod); err != nil {
+		if err := Apply(path, pod, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -178,4 +185,167 @@ func TestIPv6FailsClosed(t *testing.T) {
 	if out, err := exec.Command("ip", "-n", name, "-6", "route", "get", "fd00::1", "from", "fd00::2", "ipproto", "tcp").CombinedOutput(); err != nil {
 		t.Errorf("IPv6 TCP still refused after Remove: %v: %s", err, out)
 	}
+}
+
+// TestApplyKeepsConnections checks that a connection the pod had before its
+// first Apply keeps working (it would be reset if its packets were looped
+// to lo), that a new one is captured, and that an Apply again leaves the
+// connections made since captured.
+func TestApplyKeepsConnections(t *testing.T) {
+	requireRoot(t)
+	_, path, dialRemote, keeper := remoteTopology(t)
+	before, peer := dialRemote()
+
+	if err := Apply(path, []netip.Addr{netip.MustParseAddr("10.99.0.2")}, keeper); err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, before, peer)
+
+	// A new connection is captured: looped to lo, where nothing listens
+	// on the remote's address in this test (ztunnel would).
+	_, err := inNetnsErr(path, func() (net.Conn, error) { return net.DialTimeout("tcp4", "10.99.0.1:8080", 500*time.Millisecond) })
+	if err == nil {
+		t.Fatal("a connection made after Apply reached the remote uncaptured")
+	}
+
+	// A connection made while enrolled (to the pod itself, which the
+	// routing leaves local) is not marked by a second Apply.
+	self := inNetns(t, path, func() (net.Listener, error) { return net.Listen("tcp4", "10.99.0.2:9090") })
+	t.Cleanup(func() { _ = self.Close() })
+	during := inNetns(t, path, func() (net.Conn, error) { return net.DialTimeout("tcp4", "10.99.0.2:9090", 5*time.Second) })
+	t.Cleanup(func() { _ = during.Close() })
+	if err := Apply(path, []netip.Addr{netip.MustParseAddr("10.99.0.2")}, keeper); err != nil {
+		t.Fatal(err)
+	}
+	if got := soMark(t, during); got != 0 {
+		t.Errorf("SO_MARK of a connection made while enrolled = %#x after a second Apply, want 0", got)
+	}
+	if got := soMark(t, before); got != Mark {
+		t.Errorf("SO_MARK of the connection from before = %#x, want %#x", got, Mark)
+	}
+	roundTrip(t, before, peer)
+}
+
+// remoteTopology is newNetns with the veth's other end in a namespace of
+// its own (the network) with a server on 10.99.0.1:8080; dialRemote
+// connects the pod to it and returns both ends. keeper marks with Mark.
+func remoteTopology(t *testing.T) (name, path string, dialRemote func() (net.Conn, net.Conn), keeper *bpf.ConnectionKeeper) {
+	t.Helper()
+	name, path = newNetns(t)
+	remote := name + "-r"
+	ip(t, "netns", "add", remote)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", remote).Run() })
+	ip(t, "-n", name, "link", "set", "eth1", "netns", remote)
+	ip(t, "-n", remote, "link", "set", "eth1", "up")
+	ip(t, "-n", remote, "addr", "add", "10.99.0.1/32", "dev", "eth1")
+	ip(t, "-n", remote, "route", "add", "10.99.0.2/32", "dev", "eth1")
+	remotePath := "/run/netns/" + remote
+	keeper, err := bpf.NewConnectionKeeper(Mark)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = keeper.Close() })
+	ln := inNetns(t, remotePath, func() (net.Listener, error) { return net.Listen("tcp4", "10.99.0.1:8080") })
+	t.Cleanup(func() { _ = ln.Close() })
+	accepted := make(chan net.Conn, 4)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c
+		}
+	}()
+	dialRemote = func() (net.Conn, net.Conn) {
+		c := inNetns(t, path, func() (net.Conn, error) { return net.DialTimeout("tcp4", "10.99.0.1:8080", 5*time.Second) })
+		t.Cleanup(func() { _ = c.Close() })
+		peer := <-accepted
+		t.Cleanup(func() { _ = peer.Close() })
+		return c, peer
+	}
+	return name, path, dialRemote, keeper
+}
+
+// TestKeepStragglers checks the run after the routing: a connection opened
+// before the routing but not marked (as one opened between the first run
+// and the rules) is marked and keeps working; connections routed through
+// lo are not marked.
+func TestKeepStragglers(t *testing.T) {
+	requireRoot(t)
+	_, path, dialRemote, keeper := remoteTopology(t)
+	straggler, peer := dialRemote()
+	if err := Apply(path, []netip.Addr{netip.MustParseAddr("10.99.0.2")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	self := inNetns(t, path, func() (net.Listener, error) { return net.Listen("tcp4", "10.99.0.2:9090") })
+	t.Cleanup(func() { _ = self.Close() })
+	local := inNetns(t, path, func() (net.Conn, error) { return net.DialTimeout("tcp4", "10.99.0.2:9090", 5*time.Second) })
+	t.Cleanup(func() { _ = local.Close() })
+	n, err := keeper.KeepStragglers(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 {
+		t.Errorf("KeepStragglers marked %d connections, want 1", n)
+	}
+	if got := soMark(t, straggler); got != Mark {
+		t.Errorf("SO_MARK of the straggler = %#x, want %#x", got, Mark)
+	}
+	if got := soMark(t, local); got != 0 {
+		t.Errorf("SO_MARK of a connection through lo = %#x, want 0", got)
+	}
+	roundTrip(t, straggler, peer)
+}
+
+func inNetns[T any](t *testing.T, path string, f func() (T, error)) T {
+	t.Helper()
+	v, err := inNetnsErr(path, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func inNetnsErr[T any](path string, f func() (T, error)) (T, error) {
+	var v T
+	err := netnsexec.RunPath(path, func() error {
+		var err error
+		v, err = f()
+		return err
+	})
+	return v, err
+}
+
+// roundTrip sends a byte each way between a and b.
+func roundTrip(t *testing.T, a, b net.Conn) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	_ = a.SetDeadline(deadline)
+	_ = b.SetDeadline(deadline)
+	for _, d := range [][2]net.Conn{{a, b}, {b, a}} {
+		if _, err := d[0].Write([]byte{'x'}); err != nil {
+			t.Fatalf("writing: %v", err)
+		}
+		if _, err := io.ReadFull(d[1], make([]byte, 1)); err != nil {
+			t.Fatalf("reading: %v", err)
+		}
+	}
+}
+
+func soMark(t *testing.T, c net.Conn) int {
+	t.Helper()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mark int
+	var serr error
+	if err := rc.Control(func(fd uintptr) { mark, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK) }); err != nil {
+		t.Fatal(err)
+	}
+	if serr != nil {
+		t.Fatal(serr)
+	}
+	return mark
 }

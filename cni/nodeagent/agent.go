@@ -103,6 +103,9 @@ type Agent struct {
 	queue workqueue.TypedRateLimitingInterface[types.NamespacedName]
 
 	nodeIP string // where kubelet's probes come from
+	// keeper marks an enrolling pod's open connections so that they
+	// finish uncaptured (eBPF mode; nil if the kernel cannot).
+	keeper *bpf.ConnectionKeeper
 
 	mu       sync.Mutex
 	enrolled map[types.UID]enrolment // pods whose traffic is redirected
@@ -128,10 +131,18 @@ func New(opts Options) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Agent{
+	a := &Agent{
 		opts: opts, log: opts.Log, zds: zds, enrolled: map[types.UID]enrolment{},
 		queue: workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[types.NamespacedName]()),
-	}, nil
+	}
+	if opts.Mode == ModeEBPF {
+		// Without it, enrolment resets the connections a pod has open
+		// (their next packet is captured): worse, but never open.
+		if a.keeper, err = bpf.NewConnectionKeeper(bpfroute.Mark); err != nil {
+			a.log.Warn("connections open at enrolment will be reset: the kernel cannot mark them (iter/tcp with bpf_setsockopt needs Linux 5.16+ with BTF)", "error", err)
+		}
+	}
+	return a, nil
 }
 
 // Run serves ZDS and keeps every pod of the node enrolled or released as
@@ -139,6 +150,9 @@ func New(opts Options) (*Agent, error) {
 // agent stops (fail closed; a restarted agent picks the pods up again).
 func (a *Agent) Run(ctx context.Context) error {
 	defer func() { _ = a.zds.Close() }()
+	if a.keeper != nil {
+		defer func() { _ = a.keeper.Close() }()
+	}
 	if node, err := a.opts.Client.CoreV1().Nodes().Get(ctx, a.opts.NodeName, metav1.GetOptions{}); err == nil {
 		for _, ad := range node.Status.Addresses {
 			if ad.Type == corev1.NodeInternalIP {
@@ -253,7 +267,15 @@ func (a *Agent) sync(ctx context.Context, key types.NamespacedName) error {
 		}
 		return a.enrol(ctx, pod, netns)
 	case !want && have:
-		return a.release(ctx, pod, cur.netns)
+		netns := cur.netns
+		if _, err := os.Stat(netns); errors.Is(err, os.ErrNotExist) && pod.Status.PodIP != "" {
+			// The process the path went through has ended; the pod
+			// may well be running on.
+			if found, err := FindNetns(podIP(pod)); err == nil {
+				netns = found
+			}
+		}
+		return a.release(ctx, pod, netns)
 	case !want && pod.Annotations[AnnotationRedirection] == "enabled" && pod.DeletionTimestamp == nil && pod.Status.PodIP != "":
 		// Enrolled by an earlier run of the agent and no longer wanted
 		// (say the label went while the agent was down).
@@ -312,7 +334,7 @@ func (a *Agent) enrol(ctx context.Context, pod *corev1.Pod, netns string) error 
 	}
 	var err error
 	if a.opts.Mode == ModeEBPF {
-		err = bpfroute.Apply(netns, podIPs(pod))
+		err = bpfroute.Apply(netns, podIPs(pod), a.keeper)
 	} else {
 		err = nft.Apply(netns, probeSources(pod))
 	}

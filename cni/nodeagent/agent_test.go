@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -73,7 +74,54 @@ func TestFindNetns(t *testing.T) {
 	if !os.SameFile(want, got) {
 		t.Errorf("found %s, not the namespace holding the address", path)
 	}
+	if filepath.Base(path) != name {
+		t.Errorf("found %s, want its bind mount (/run/netns/%s: a path that lasts as long as the namespace)", path, name)
+	}
 	if _, err := FindNetns(netip.MustParseAddr("192.0.2.78")); err == nil {
 		t.Error("found a namespace for an address nobody has")
+	}
+}
+
+// TestStablePath checks that a namespace without a bind mount is named
+// through its oldest process, not through the one the search happened to
+// meet (a kubectl exec that ends in a second).
+func TestStablePath(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make a network namespace")
+	}
+	start := func(args ...string) int {
+		t.Helper()
+		c := exec.Command(args[0], args[1:]...)
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Process.Kill(); _ = c.Wait() })
+		return c.Process.Pid
+	}
+	first := start("unshare", "--net", "sleep", "60")
+	ns := fmt.Sprintf("/proc/%d/ns/net", first)
+	self, _ := os.Stat("/proc/self/ns/net")
+	var st os.FileInfo
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		// unshare has made the namespace once its own differs from ours.
+		if s, err := os.Stat(ns); err == nil && !os.SameFile(s, self) {
+			st = s
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("unshare made no namespace")
+		}
+	}
+	later := start("nsenter", "--net="+ns, "--", "sleep", "60")
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if s, err := os.Stat(fmt.Sprintf("/proc/%d/ns/net", later)); err == nil && os.SameFile(s, st) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("nsenter did not enter the namespace")
+		}
+	}
+	if got := stablePath(st, later); got != ns {
+		t.Errorf("stablePath from the later process = %s, want the first's %s", got, ns)
 	}
 }

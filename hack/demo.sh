@@ -25,7 +25,8 @@ ztunnel and the CNI node agent. Try it:
   kubectl expose deployment echo --port=80 --target-port=8080
   kubectl run client --image=curlimages/curl --command -- sleep infinity
   kubectl wait --for=condition=Available deploy/echo; kubectl wait --for=condition=Ready pod/client
-  kubectl exec client -- curl -s http://echo/             # plaintext
+  # plaintext (retried: kube-proxy takes a moment to program a new Service)
+  kubectl exec client -- curl -s --retry 10 --retry-connrefused --retry-delay 1 http://echo/
   kubectl label namespace default istio.io/dataplane-mode=ambient
   kubectl exec client -- curl -s http://echo/             # now over HBONE (mTLS), no restart
   nsenter --net=/run/netns/${lab}-node1 curl -s 127.0.0.1:15020/metrics | grep istio_tcp

@@ -118,13 +118,13 @@ func run() error {
 		MinVersion:     tls.VersionTLS12,
 		GetCertificate: authority.GetServingCertificate(24*time.Hour, host, host+".cluster.local", *serviceName),
 	}
-	g := grpc.NewServer(
+	g := grpc.NewServer(append([]grpc.ServerOption{
 		grpc.Creds(credentials.NewTLS(tlsConf)),
 		// xDS callers authenticate with their token, like CA callers.
 		grpc.ChainStreamInterceptor(caServer.StreamAuthenticator("/envoy.service.discovery.v3.AggregatedDiscoveryService/")),
 		// A reconnecting node lists every resource name it holds.
 		grpc.MaxRecvMsgSize(64<<20),
-	)
+	}, xds.ServerKeepalive()...)...)
 	caServer.Register(g)
 	xdsServer.Register(g)
 	if err := mgr.Add(grpcRunnable{g: g, addr: *grpcAddr, log: log}); err != nil {

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -19,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -125,9 +127,23 @@ func New(opts Options) *Server {
 	return s
 }
 
+// ServerKeepalive is the keepalive the controller's gRPC server needs with
+// ztunnel's xDS client (ztunnel/xds): it allows the clients' pings every 10
+// s or more, with or without a stream (gRPC's default allows one per 5
+// minutes and closes connections that ping more), and pings clients silent
+// for 30 s itself, dropping those that do not answer within 10 s, so that
+// the streams of a node gone without a FIN are released. Istio's istiod
+// uses the same figures.
+func ServerKeepalive() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+	}
+}
+
 // Register adds the AggregatedDiscoveryService (delta only) to g. The
-// caller owns g: its TLS, authentication interceptors, keepalive and
-// message size limits.
+// caller owns g: its TLS, authentication interceptors, keepalive
+// (ServerKeepalive) and message size limits.
 func (s *Server) Register(g *grpc.Server) {
 	discovery.RegisterAggregatedDiscoveryServiceServer(g, &adsService{delta: s.delta})
 }

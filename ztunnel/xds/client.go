@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -44,6 +45,12 @@ const (
 	// a connect carries every Address of the cluster, a few hundred bytes
 	// each, well past gRPC's 4 MiB default.
 	DefaultMaxMessageSize = 256 << 20
+	// DefaultKeepalive is how long the connection to the controller may
+	// stay silent before the client pings it (istiod's server keepalive
+	// time); KeepaliveTimeout is how long an unanswered ping waits before
+	// the connection counts as dead and the client reconnects.
+	DefaultKeepalive = 30 * time.Second
+	KeepaliveTimeout = 10 * time.Second
 )
 
 // ErrTokenWithoutTLS is returned by New when a token would be sent over a
@@ -87,6 +94,15 @@ type Options struct {
 	MaxBackoff     time.Duration
 	// MaxMessageSize bounds one response; DefaultMaxMessageSize if 0.
 	MaxMessageSize int
+	// Keepalive is how long the connection may stay silent before the
+	// client pings the controller; a ping unanswered for KeepaliveTimeout
+	// ends the stream and the client reconnects, so that a controller whose
+	// node vanished without closing the connection (no FIN) is left in
+	// seconds, not after the kernel's 15-minute retransmission timeout.
+	// DefaultKeepalive if 0; gRPC raises anything under 10 s to 10 s;
+	// negative: no pings. The server must allow pings this often (see
+	// controller/xds.ServerKeepalive).
+	Keepalive time.Duration
 }
 
 // Client is ztunnel's delta ADS client.
@@ -118,6 +134,9 @@ func New(opts Options) (*Client, error) {
 	}
 	if opts.MaxBackoff < opts.InitialBackoff {
 		opts.MaxBackoff = max(DefaultMaxBackoff, opts.InitialBackoff)
+	}
+	if opts.Keepalive == 0 {
+		opts.Keepalive = DefaultKeepalive
 	}
 	if opts.MaxMessageSize <= 0 {
 		opts.MaxMessageSize = DefaultMaxMessageSize
@@ -174,6 +193,11 @@ func (c *Client) Run(ctx context.Context) error {
 			MinConnectTimeout: 20 * time.Second,
 		}),
 	}, c.opts.DialOptions...)
+	if c.opts.Keepalive > 0 {
+		dialOpts = append(dialOpts, grpc.WithKeepaliveParams(keepalive.ClientParameters{
+			Time: c.opts.Keepalive, Timeout: KeepaliveTimeout, PermitWithoutStream: true,
+		}))
+	}
 	conn, err := grpc.NewClient(c.opts.Addr, dialOpts...)
 	if err != nil {
 		return fmt.Errorf("xds: setting up a client for %s: %w", c.opts.Addr, err)

@@ -100,6 +100,12 @@ func (f *fakeADS) stream(t *testing.T) *fakeStream {
 // trusts it.
 func serveTLS(t *testing.T, f *fakeADS) (string, *tls.Config) {
 	t.Helper()
+	return serveTLSWith(t, f)
+}
+
+// serveTLSWith is serveTLS with more server options.
+func serveTLSWith(t *testing.T, f *fakeADS, opts ...grpc.ServerOption) (string, *tls.Config) {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -128,10 +134,10 @@ func serveTLS(t *testing.T, f *fakeADS) (string, *tls.Config) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
+	g := grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(&tls.Config{
 		Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}},
 		MinVersion:   tls.VersionTLS13,
-	})))
+	}))}, opts...)...)
 	discovery.RegisterAggregatedDiscoveryServiceServer(g, f)
 	go func() { _ = g.Serve(lis) }()
 	t.Cleanup(g.Stop)

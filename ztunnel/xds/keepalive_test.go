@@ -70,7 +70,7 @@ func (r *relay) pipe(dst, src, key net.Conn) {
 			}
 		}
 		if err != nil {
-			if err != io.EOF || !silent {
+			if !silent { // a silent connection stays open
 				_ = dst.Close()
 			}
 			return
@@ -111,7 +111,12 @@ func TestKeepaliveReconnects(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- client.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run returned %v after cancel, want nil", err)
+		}
+	})
 
 	first := f.stream(t)
 	first.request(t)

@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 	pb "istio.io/api/security/v1alpha1"
@@ -166,6 +167,10 @@ func NewClient(opts Options) (*Client, error) {
 			MinVersion: tls.VersionTLS12,
 		})),
 		grpc.WithPerRPCCredentials(tokenFile(opts.TokenFile)),
+		// As ztunnel's xDS client: a connection to a controller whose
+		// node vanished is dropped within 40 s, not reused (every request
+		// timing out) for the kernel's 15-minute retransmission timeout.
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("configuring CA client for %s: %w", opts.CAAddr, err)

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"log/slog"
 	"time"
 
@@ -137,24 +138,32 @@ func (t *tracked) Close(sent, received int64, err error) {
 	t.m.closed.WithLabelValues(t.labels...).Inc()
 	t.m.sent.WithLabelValues(t.labels...).Add(float64(sent))
 	t.m.received.WithLabelValues(t.labels...).Add(float64(received))
-	src, dst := workloadLabels(t.info.Src), workloadLabels(t.info.Dst)
-	attrs := []any{
-		"reporter", t.info.Reporter,
-		"src.addr", t.info.SrcAddr, "src.workload", src.name, "src.namespace", src.namespace, "src.identity", t.info.SrcIdentity,
-		"dst.addr", t.info.DstAddr, "dst.workload", dst.name, "dst.namespace", dst.namespace, "dst.identity", t.info.DstIdentity,
-		"direction", direction(t.info.Reporter), "mtls", t.info.MutualTLS,
-		"bytes_sent", sent, "bytes_recv", received, "duration", time.Since(t.info.Start).Round(time.Microsecond),
+	h := t.log.Handler()
+	if !h.Enabled(context.Background(), slog.LevelInfo) {
+		return
 	}
+	// Straight to the handler: Logger.Info would take the caller's stack
+	// (runtime.Callers) for a source the handler does not print, and box
+	// every value; this line is written once per connection.
+	src, dst := workloadLabels(t.info.Src), workloadLabels(t.info.Dst)
+	r := slog.NewRecord(time.Now(), slog.LevelInfo, "connection complete", 0)
+	r.AddAttrs(
+		slog.String("reporter", string(t.info.Reporter)),
+		slog.String("src.addr", t.info.SrcAddr), slog.String("src.workload", src.name), slog.String("src.namespace", src.namespace), slog.String("src.identity", t.info.SrcIdentity),
+		slog.String("dst.addr", t.info.DstAddr), slog.String("dst.workload", dst.name), slog.String("dst.namespace", dst.namespace), slog.String("dst.identity", t.info.DstIdentity),
+		slog.String("direction", direction(t.info.Reporter)), slog.Bool("mtls", t.info.MutualTLS),
+		slog.Int64("bytes_sent", sent), slog.Int64("bytes_recv", received), slog.Duration("duration", time.Since(t.info.Start).Round(time.Microsecond)),
+	)
 	if t.info.DstService != nil {
-		attrs = append(attrs, "dst.service", t.info.DstService.Hostname)
+		r.AddAttrs(slog.String("dst.service", t.info.DstService.Hostname))
 	}
 	if err != nil {
-		attrs = append(attrs, "error", err.Error())
+		r.AddAttrs(slog.String("error", err.Error()))
 	}
 	if t.info.ResponseFlag != "" && t.info.ResponseFlag != "-" {
-		attrs = append(attrs, "flags", t.info.ResponseFlag)
+		r.AddAttrs(slog.String("flags", t.info.ResponseFlag))
 	}
-	t.log.Info("connection complete", attrs...)
+	_ = h.Handle(context.Background(), r) // a log line that cannot be written is not the connection's failure
 }
 
 func direction(r Reporter) string {

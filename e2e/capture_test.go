@@ -19,6 +19,7 @@ import (
 	"github.com/ambitmesh/ambit/cni/bpfroute"
 	"github.com/ambitmesh/ambit/cni/nft"
 	"github.com/ambitmesh/ambit/e2e/lab"
+	"github.com/ambitmesh/ambit/internal/netnsexec"
 )
 
 // captureApps is the scenario's apps in namespace NS.
@@ -166,7 +167,21 @@ func captureLeft(netns string) string {
 	if ok, err := bpfroute.Installed(netns); err != nil || ok {
 		left = append(left, fmt.Sprintf("policy routing (%v)", err))
 	}
+	if v, err := twReuse(netns); err != nil || v != "2" {
+		left = append(left, fmt.Sprintf("tcp_tw_reuse %q, not the default 2 (%v)", v, err))
+	}
 	return strings.Join(left, ", ")
+}
+
+// twReuse reads net.ipv4.tcp_tw_reuse in the namespace at netns.
+func twReuse(netns string) (string, error) {
+	var v string
+	err := netnsexec.RunPath(netns, func() error {
+		b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_tw_reuse")
+		v = strings.TrimSpace(string(b))
+		return err
+	})
+	return v, err
 }
 
 // captureScenario is acceptance 1-5 of capture in one mode, in its own
@@ -262,6 +277,17 @@ func captureScenario(t *testing.T, ctx context.Context, l *lab.Lab, cs kubernete
 		h, _, pcap := hbonePackets(false)
 		if syn := countPackets(t, pcap, "tcp dst port 8080 and tcp[tcpflags] & tcp-syn != 0"); h == 0 || syn != 0 {
 			t.Errorf("want new connections over HBONE only: %d HBONE packets, %d SYNs to 8080", h, syn)
+		}
+		// Enrolled pods reuse TIME_WAIT ports (see nodeagent's
+		// setTWReuse).
+		pods, err := cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range pods.Items {
+			if v, err := twReuse(l.PodNetnsPath(p.UID)); err != nil || v != "1" {
+				t.Errorf("%s: tcp_tw_reuse %q (%v), want 1 while enrolled", p.Name, v, err)
+			}
 		}
 		if after := podStarts(ctx, t, cs, ns); after != before {
 			t.Errorf("pods restarted: before %s, after %s", before, after)

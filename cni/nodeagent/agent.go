@@ -341,6 +341,9 @@ func (a *Agent) enrol(ctx context.Context, pod *corev1.Pod, netns string) error 
 	if err != nil {
 		return err
 	}
+	if err := setTWReuse(netns, twReuseEnrolled); err != nil {
+		return err
+	}
 	a.mu.Lock()
 	a.enrolled[pod.UID] = enrolment{netns: netns, name: types.NamespacedName{Namespace: pod.Namespace, Name: pod.Name}}
 	a.mu.Unlock()
@@ -363,6 +366,9 @@ func (a *Agent) release(ctx context.Context, pod *corev1.Pod, netns string) erro
 		return err
 	}
 	if err := nft.Remove(netns); err != nil {
+		return err
+	}
+	if err := setTWReuse(netns, twReuseDefault); err != nil {
 		return err
 	}
 	if err := a.zds.Remove(string(pod.UID)); err != nil && !errors.Is(err, inpod.ErrNoZtunnel) {

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ambitmesh/ambit/internal/netnsexec"
 )
 
 func TestEnrolled(t *testing.T) {
@@ -123,5 +125,47 @@ func TestStablePath(t *testing.T) {
 	}
 	if got := stablePath(st, later); got != ns {
 		t.Errorf("stablePath from the later process = %s, want the first's %s", got, ns)
+	}
+}
+
+// TestSetTWReuse checks that enrolment's tcp_tw_reuse goes into the pod's
+// namespace only, and that release puts the kernel's default back.
+func TestSetTWReuse(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make a network namespace")
+	}
+	name := fmt.Sprintf("ambit-twreuse-%d-%d", os.Getpid(), time.Now().UnixNano()%100000)
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", name).Run() })
+	path := "/run/netns/" + name
+	read := func(ns string) string {
+		t.Helper()
+		var v string
+		if err := netnsexec.RunPath(ns, func() error {
+			b, err := os.ReadFile(twReusePath)
+			v = strings.TrimSpace(string(b))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	own := read("/proc/self/ns/net")
+	if err := setTWReuse(path, twReuseEnrolled); err != nil {
+		t.Fatal(err)
+	}
+	if got := read(path); got != "1" {
+		t.Errorf("tcp_tw_reuse in the pod = %s after enrolment, want 1", got)
+	}
+	if got := read("/proc/self/ns/net"); got != own {
+		t.Errorf("tcp_tw_reuse here changed from %s to %s", own, got)
+	}
+	if err := setTWReuse(path, twReuseDefault); err != nil {
+		t.Fatal(err)
+	}
+	if got := read(path); got != "2" {
+		t.Errorf("tcp_tw_reuse in the pod = %s after release, want the default 2", got)
 	}
 }

@@ -157,8 +157,15 @@ func (n *NetNS) TransparentDialer(src netip.Addr) func(ctx context.Context, netw
 			err := c.Control(func(fd uintptr) {
 				// IP_TRANSPARENT lets the socket bind to an address
 				// that is not local (ip(7)); it must be set before bind.
+				// IP_BIND_ADDRESS_NO_PORT leaves the port to connect,
+				// which picks it for the whole 4-tuple (and may reuse a
+				// TIME_WAIT one, the pod having tcp_tw_reuse=1), where
+				// bind with port 0 would take a port of the client's
+				// address for itself, whatever the destination, as
+				// Envoy's source-address binding does.
 				serr = errors.Join(
 					unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1),
+					unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1),
 					unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, InboundMark))
 			})
 			return errors.Join(err, serr)

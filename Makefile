@@ -75,6 +75,7 @@ verify: generate ## Fail if `make generate` changes anything.
 
 .PHONY: lint
 lint: $(BIN)/golangci-lint-$(GOLANGCI_LINT) ## go vet, and golangci-lint (pinned) with .golangci.yml; LINT_PKGS narrows it.
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$unformatted" || { echo "lint: not gofmt'ed (run gofmt -w):"; echo "$$unformatted"; exit 1; }
 	go vet $(LINT_PKGS)
 	$(BIN)/golangci-lint-$(GOLANGCI_LINT) run --config $(CURDIR)/.golangci.yml $(LINT_PKGS)
 

@@ -123,7 +123,7 @@ func run() error {
 		// xDS callers authenticate with their token, like CA callers.
 		grpc.ChainStreamInterceptor(caServer.StreamAuthenticator("/envoy.service.discovery.v3.AggregatedDiscoveryService/")),
 		// A reconnecting node lists every resource name it holds.
-		grpc.MaxRecvMsgSize(64<<20),
+		grpc.MaxRecvMsgSize(64 << 20),
 	}, xds.ServerKeepalive()...)...)
 	caServer.Register(g)
 	xdsServer.Register(g)

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-
 	xdsserver "github.com/ambitmesh/ambit/controller/xds"
 	"github.com/ambitmesh/ambit/ztunnel/state"
 	"github.com/ambitmesh/ambit/ztunnel/xds"
@@ -127,4 +126,3 @@ func TestKeepaliveReconnects(t *testing.T) {
 		t.Fatal("the client kept a connection that went silent: no new stream")
 	}
 }
-

@@ -460,10 +460,7 @@ func linkProgs(t *testing.T, r *Redirection) (links [2]link.ID, progs [2]ebpf.Pr
 
 func TestAttachIdempotent(t *testing.T) {
 	requireRoot(t)
-	nsPath := newNetns(t)
-	addPodInterface(t, nsPath, "10.99.0.2/32")
-	pinDir := filepath.Join(newBPFFS(t), "pod")
-	t.Cleanup(func() { _ = Detach(pinDir) })
+	nsPath, pinDir := podNetns(t, "10.99.0.2/32")
 	a := netip.MustParseAddr
 
 	r1, err := Attach(nsPath, pinDir, Config{PodIPs: []netip.Addr{a("10.99.0.2")}})
@@ -537,10 +534,7 @@ func TestAttachedTo(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			nsPath := newNetns(t)
-			addPodInterface(t, nsPath, "10.99.0.2/32")
-			pinDir := filepath.Join(newBPFFS(t), "pod")
-			t.Cleanup(func() { _ = Detach(pinDir) })
+			nsPath, pinDir := podNetns(t, "10.99.0.2/32")
 			r, err := Attach(nsPath, pinDir, Config{PodIPs: []netip.Addr{netip.MustParseAddr("10.99.0.2")}})
 			if err != nil {
 				t.Fatalf("%+v", err)
@@ -569,10 +563,7 @@ func TestAttachedTo(t *testing.T) {
 // capture.
 func TestAttachReplacesSkLookupOnlyPins(t *testing.T) {
 	requireRoot(t)
-	nsPath := newNetns(t)
-	addPodInterface(t, nsPath, "10.99.0.2/32")
-	pinDir := filepath.Join(newBPFFS(t), "pod")
-	t.Cleanup(func() { _ = Detach(pinDir) })
+	nsPath, pinDir := podNetns(t, "10.99.0.2/32")
 	cfg := Config{PodIPs: []netip.Addr{netip.MustParseAddr("10.99.0.2")}}
 
 	r, err := Attach(nsPath, pinDir, cfg)
@@ -605,10 +596,7 @@ func TestAttachReplacesSkLookupOnlyPins(t *testing.T) {
 // to, so inbound would go uncaptured) and leaves nothing behind.
 func TestAttachWithoutPodInterface(t *testing.T) {
 	requireRoot(t)
-	nsPath := newNetns(t)
-	addPodInterface(t, nsPath, "10.99.0.9/32")
-	pinDir := filepath.Join(newBPFFS(t), "pod")
-	t.Cleanup(func() { _ = Detach(pinDir) })
+	nsPath, pinDir := podNetns(t, "10.99.0.9/32")
 
 	r, err := Attach(nsPath, pinDir, Config{PodIPs: []netip.Addr{netip.MustParseAddr("10.99.0.2")}})
 	if err == nil {
@@ -678,6 +666,17 @@ func ipNetns(t *testing.T, nsPath string, args ...string) {
 	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 		t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
 	}
+}
+
+// podNetns makes a netns with an interface holding addr and a pin directory
+// on a private bpffs, whose attachment is detached when the test ends.
+func podNetns(t *testing.T, addr string) (nsPath, pinDir string) {
+	t.Helper()
+	nsPath = newNetns(t)
+	addPodInterface(t, nsPath, addr)
+	pinDir = filepath.Join(newBPFFS(t), "pod")
+	t.Cleanup(func() { _ = Detach(pinDir) })
+	return nsPath, pinDir
 }
 
 // newBPFFS mounts a private bpffs for the test's pins and returns its path.
@@ -874,10 +873,7 @@ func assertTCXPrograms(t *testing.T, nsPath, ifname string, want int) {
 // re-created: a pinned tcx link left on nothing would let inbound through.
 func TestAttachRecreatedInterface(t *testing.T) {
 	requireRoot(t)
-	nsPath := newNetns(t)
-	addPodInterface(t, nsPath, "10.99.0.2/32")
-	pinDir := filepath.Join(newBPFFS(t), "pod")
-	t.Cleanup(func() { _ = Detach(pinDir) })
+	nsPath, pinDir := podNetns(t, "10.99.0.2/32")
 	cfg := Config{PodIPs: []netip.Addr{netip.MustParseAddr("10.99.0.2")}}
 	r, err := Attach(nsPath, pinDir, cfg)
 	if err != nil {

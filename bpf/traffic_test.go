@@ -24,17 +24,14 @@ import (
 // once the listener is gone, and that Detach leaves nothing attached.
 func TestOutboundTraffic(t *testing.T) {
 	requireRoot(t)
-	nsPath := newNetns(t)
 	// Attach puts the tc program on the interface that holds the pod's
 	// address, and fails without one.
-	addPodInterface(t, nsPath, "10.99.0.2/32")
-	pinDir := filepath.Join(newBPFFS(t), "pod")
+	nsPath, pinDir := podNetns(t, "10.99.0.2/32")
 
 	r, err := Attach(nsPath, pinDir, Config{PodIPs: []netip.Addr{netip.MustParseAddr("10.99.0.2")}})
 	if err != nil {
 		t.Fatalf("%+v", err)
 	}
-	t.Cleanup(func() { _ = Detach(pinDir) })
 	out := listen(t, nsPath, "127.0.0.1:15001", true)
 	in := listen(t, nsPath, "127.0.0.1:15006", false)
 	if err := RegisterListener(r.SockMap(), SlotOutbound, out); err != nil {

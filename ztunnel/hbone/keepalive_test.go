@@ -45,6 +45,13 @@ func (c *silenceable) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
+// silence makes c deaf, mute or both.
+func (c *silenceable) silence(deaf, mute bool) {
+	c.mu.Lock()
+	c.deaf, c.mute = c.deaf || deaf, c.mute || mute
+	c.mu.Unlock()
+}
+
 func (c *silenceable) Close() error {
 	c.once.Do(func() { close(c.closed) })
 	return c.Conn.Close()
@@ -63,6 +70,24 @@ func silenceableDial(conns chan<- *silenceable) func(ctx context.Context, addr n
 		conns <- sc
 		return sc, nil
 	}
+}
+
+// keepaliveEnv is an echo env with a fast keepalive on the client's side
+// (client) or the server's, the other side's off, and the pool's
+// connections handed to the test as they are dialled.
+func keepaliveEnv(t *testing.T, client bool) (*env, <-chan *silenceable) {
+	t.Helper()
+	conns := make(chan *silenceable, 2)
+	e := newEnv(t, echoHandler, func(o *envOptions) {
+		const interval, timeout = 20 * time.Millisecond, 500 * time.Millisecond
+		if client {
+			o.pool.KeepaliveInterval, o.pool.KeepaliveTimeout, o.server.KeepaliveInterval = interval, timeout, -1
+		} else {
+			o.server.KeepaliveInterval, o.server.KeepaliveTimeout, o.pool.KeepaliveInterval = interval, timeout, -1
+		}
+		o.pool.Dial = silenceableDial(conns)
+	})
+	return e, conns
 }
 
 // poolConn returns the pool's only connection.
@@ -95,12 +120,7 @@ func echoOnce(t *testing.T, s Stream, msg string) {
 // its streams, after which Connect opens a new connection.
 func TestKeepaliveClient(t *testing.T) {
 	checkLeaks(t)
-	conns := make(chan *silenceable, 2)
-	e := newEnv(t, echoHandler, func(o *envOptions) {
-		o.pool.KeepaliveInterval, o.pool.KeepaliveTimeout = 20*time.Millisecond, 500*time.Millisecond
-		o.server.KeepaliveInterval = -1 // only the client's keepalive
-		o.pool.Dial = silenceableDial(conns)
-	})
+	e, conns := keepaliveEnv(t, true)
 	s := e.connect(t, "10.0.0.1:80")
 	defer func() { _ = s.Close() }()
 	echoOnce(t, s, "before")
@@ -117,9 +137,7 @@ func TestKeepaliveClient(t *testing.T) {
 	}
 
 	// The peer goes silent: the stream fails with the keepalive's error.
-	first.mu.Lock()
-	first.deaf = true
-	first.mu.Unlock()
+	first.silence(true, false)
 	_ = s.SetReadDeadline(time.Now().Add(10 * time.Second))
 	_, err := s.Read(make([]byte, 1))
 	if !errors.Is(err, errKeepaliveTimeout) {
@@ -141,19 +159,12 @@ func TestKeepaliveClient(t *testing.T) {
 // sending anything (its PING ACKs included) has its connection closed.
 func TestKeepaliveServer(t *testing.T) {
 	checkLeaks(t)
-	conns := make(chan *silenceable, 1)
-	e := newEnv(t, echoHandler, func(o *envOptions) {
-		o.server.KeepaliveInterval, o.server.KeepaliveTimeout = 20*time.Millisecond, 500*time.Millisecond
-		o.pool.KeepaliveInterval = -1 // only the server's keepalive
-		o.pool.Dial = silenceableDial(conns)
-	})
+	e, conns := keepaliveEnv(t, false)
 	s := e.connect(t, "10.0.0.1:80")
 	defer func() { _ = s.Close() }()
 	echoOnce(t, s, "hello")
 	c := <-conns
-	c.mu.Lock()
-	c.mute = true
-	c.mu.Unlock()
+	c.silence(false, true)
 	select {
 	case <-e.ln.accepted()[0].closed:
 	case <-time.After(10 * time.Second):

@@ -207,6 +207,21 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// runClient runs client until the test ends, and checks that it then
+// returns nil.
+func runClient(t *testing.T, client *xds.Client) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- client.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run returned %v after cancel, want nil", err)
+		}
+	})
+}
+
 func TestClient(t *testing.T) {
 	f := &fakeADS{streams: make(chan *fakeStream, 4)}
 	addr, tlsConf := serveTLS(t, f)
@@ -233,15 +248,7 @@ func TestClient(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- client.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run returned %v after cancel, want nil", err)
-		}
-	})
+	runClient(t, client)
 
 	// First stream: token, wildcard subscriptions to both types, nothing known.
 	fs := f.stream(t)

@@ -1,7 +1,6 @@
 package xds_test
 
 import (
-	"context"
 	"io"
 	"log/slog"
 	"net"
@@ -107,15 +106,7 @@ func TestKeepaliveReconnects(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- client.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run returned %v after cancel, want nil", err)
-		}
-	})
+	runClient(t, client)
 
 	first := f.stream(t)
 	first.request(t)

@@ -7,8 +7,6 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"fmt"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -25,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ambitmesh/ambit/internal/netnsexec"
+	"github.com/ambitmesh/ambit/internal/netnstest"
 )
 
 // Return values of an sk_lookup program (enum sk_action, uapi bpf.h).
@@ -646,17 +645,7 @@ func requireRoot(t *testing.T) {
 // ends, and returns its path.
 func newNetns(t *testing.T) string {
 	t.Helper()
-	name := fmt.Sprintf("ambit-bpftest-%08x", rand.Uint32())
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", name, err, out)
-		}
-	})
-	path := "/run/netns/" + name
-	ipNetns(t, path, "link", "set", "lo", "up")
+	_, path := netnstest.New(t, "ambit-bpftest")
 	return path
 }
 

@@ -1,7 +1,6 @@
 package bpfroute
 
 import (
-	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/ambitmesh/ambit/bpf"
 	"github.com/ambitmesh/ambit/internal/netnsexec"
+	"github.com/ambitmesh/ambit/internal/netnstest"
 )
 
 func requireRoot(t *testing.T) {
@@ -27,24 +27,17 @@ func requireRoot(t *testing.T) {
 // removed at cleanup.
 func newNetns(t *testing.T) (name, path string) {
 	t.Helper()
-	name = fmt.Sprintf("ambit-bpfroute-%d-%d", os.Getpid(), time.Now().UnixNano()%1000000)
-	ip(t, "netns", "add", name)
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", name).Run() })
-	ip(t, "-n", name, "link", "set", "lo", "up")
+	name, path = netnstest.New(t, "ambit-bpfroute")
 	ip(t, "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
 	ip(t, "-n", name, "link", "set", "eth0", "up")
 	ip(t, "-n", name, "addr", "add", "10.99.0.2/32", "dev", "eth0")
 	ip(t, "-n", name, "route", "add", "default", "dev", "eth0")
-	return name, "/run/netns/" + name
+	return name, path
 }
 
 func ip(t *testing.T, args ...string) string {
 	t.Helper()
-	out, err := exec.Command("ip", args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
+	return netnstest.IP(t, args...)
 }
 
 func sysctl(t *testing.T, name string) string {
@@ -232,14 +225,11 @@ func TestApplyKeepsConnections(t *testing.T) {
 func remoteTopology(t *testing.T) (name, path string, dialRemote func() (net.Conn, net.Conn), keeper *bpf.ConnectionKeeper) {
 	t.Helper()
 	name, path = newNetns(t)
-	remote := name + "-r"
-	ip(t, "netns", "add", remote)
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", remote).Run() })
+	remote, remotePath := netnstest.New(t, "ambit-bpfroute-remote")
 	ip(t, "-n", name, "link", "set", "eth1", "netns", remote)
 	ip(t, "-n", remote, "link", "set", "eth1", "up")
 	ip(t, "-n", remote, "addr", "add", "10.99.0.1/32", "dev", "eth1")
 	ip(t, "-n", remote, "route", "add", "10.99.0.2/32", "dev", "eth1")
-	remotePath := "/run/netns/" + remote
 	keeper, err := bpf.NewConnectionKeeper(Mark)
 	if err != nil {
 		t.Fatal(err)

@@ -2,7 +2,6 @@ package nft
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -13,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambitmesh/ambit/internal/netnstest"
 	"github.com/ambitmesh/ambit/ztunnel/inpod"
 )
 
@@ -42,12 +42,7 @@ func TestApplyRemove(t *testing.T) {
 	if _, err := exec.LookPath("nft"); err != nil {
 		t.Skip("nft not installed: run make deps")
 	}
-	name := fmt.Sprintf("ambit-nft-test-%d-%d", os.Getpid(), time.Now().UnixNano()%100000)
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v: %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", name).Run() })
-	path := "/run/netns/" + name
+	name, path := netnstest.New(t, "ambit-nft-test")
 	if err := Remove(path); err != nil {
 		t.Fatalf("removing absent rules: %v", err)
 	}
@@ -95,25 +90,13 @@ func TestTransparentReturnPath(t *testing.T) {
 	if _, err := exec.LookPath("nft"); err != nil {
 		t.Skip("nft not installed: run make deps")
 	}
-	suffix := fmt.Sprintf("%d-%d", os.Getpid(), time.Now().UnixNano()%100000)
-	pod, client := "ambit-nft-pod-"+suffix, "ambit-nft-cli-"+suffix
-	sh := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-			t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
-		}
-	}
-	for _, ns := range []string{pod, client} {
-		sh("ip", "netns", "add", ns)
-		t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", ns).Run() })
-		sh("ip", "-n", ns, "link", "set", "lo", "up")
-	}
-	sh("ip", "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", client)
-	sh("ip", "-n", pod, "addr", "add", "10.99.0.1/24", "dev", "eth0")
-	sh("ip", "-n", client, "addr", "add", "10.99.0.2/24", "dev", "eth0")
-	sh("ip", "-n", pod, "link", "set", "eth0", "up")
-	sh("ip", "-n", client, "link", "set", "eth0", "up")
-	path := "/run/netns/" + pod
+	pod, path := netnstest.New(t, "ambit-nft-pod")
+	client, _ := netnstest.New(t, "ambit-nft-cli")
+	netnstest.IP(t, "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", client)
+	netnstest.IP(t, "-n", pod, "addr", "add", "10.99.0.1/24", "dev", "eth0")
+	netnstest.IP(t, "-n", client, "addr", "add", "10.99.0.2/24", "dev", "eth0")
+	netnstest.IP(t, "-n", pod, "link", "set", "eth0", "up")
+	netnstest.IP(t, "-n", client, "link", "set", "eth0", "up")
 	if err := Apply(path, nil); err != nil {
 		t.Fatal(err)
 	}

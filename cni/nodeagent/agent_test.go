@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/internal/netnsexec"
+	"github.com/ambitmesh/ambit/internal/netnstest"
 )
 
 func TestEnrolled(t *testing.T) {
@@ -45,17 +46,9 @@ func TestFindNetns(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to make a network namespace")
 	}
-	name := fmt.Sprintf("ambit-findns-%d-%d", os.Getpid(), time.Now().UnixNano()%100000)
-	run := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-			t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
-		}
-	}
-	run("ip", "netns", "add", name)
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", name).Run() })
-	run("ip", "-n", name, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
-	run("ip", "-n", name, "addr", "add", "192.0.2.77/32", "dev", "d0")
+	name, _ := netnstest.New(t, "ambit-findns")
+	netnstest.IP(t, "-n", name, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+	netnstest.IP(t, "-n", name, "addr", "add", "192.0.2.77/32", "dev", "d0")
 	sleeper := exec.Command("nsenter", "--net=/run/netns/"+name, "--", "sleep", "60")
 	if err := sleeper.Start(); err != nil {
 		t.Fatal(err)
@@ -134,12 +127,7 @@ func TestSetTWReuse(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to make a network namespace")
 	}
-	name := fmt.Sprintf("ambit-twreuse-%d-%d", os.Getpid(), time.Now().UnixNano()%100000)
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v: %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", name).Run() })
-	path := "/run/netns/" + name
+	_, path := netnstest.New(t, "ambit-twreuse")
 	read := func(ns string) string {
 		t.Helper()
 		var v string

@@ -1,13 +1,12 @@
 package netnsexec
 
 import (
-	"fmt"
 	"os"
-	"os/exec"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ambitmesh/ambit/internal/netnstest"
 )
 
 func statIno(path string) (uint64, error) {
@@ -31,12 +30,7 @@ func TestRunPath(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (network namespaces): run `make test` as root")
 	}
-	name := fmt.Sprintf("ambit-netnsexec-%d-%d", os.Getpid(), time.Now().UnixNano()%1000000)
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v: %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", name).Run() })
-	path := "/run/netns/" + name
+	_, path := netnstest.New(t, "ambit-netnsexec")
 	want, self := inode(t, path), inode(t, "/proc/self/ns/net")
 	for range 3 { // the thread goes back each time
 		var got uint64

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -17,6 +16,7 @@ import (
 	"time"
 
 	"github.com/ambitmesh/ambit/api/zdsapi"
+	"github.com/ambitmesh/ambit/internal/netnstest"
 )
 
 // recorder is a Handler that records what it was told.
@@ -111,15 +111,8 @@ func requireRoot(t *testing.T) {
 // newNetns makes a named network namespace with lo up, removed at cleanup.
 func newNetns(t *testing.T) string {
 	t.Helper()
-	name := fmt.Sprintf("ambit-inpod-test-%d-%d", os.Getpid(), time.Now().UnixNano()%100000)
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v: %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", name).Run() })
-	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
-		t.Fatalf("lo up: %v: %s", err, out)
-	}
-	return "/run/netns/" + name
+	_, path := netnstest.New(t, "ambit-inpod-test")
+	return path
 }
 
 // TestZDSSnapshotAndReconnect plays the node agent: pods enrolled before

@@ -73,7 +73,7 @@ const (
 // Apply installs the routing in the network namespace at netnsPath for a
 // pod with addresses podIPs (the first IPv4 one is the source of its
 // outbound connections). It is idempotent. With a keeper, the first Apply
-// marks the pod's connections first (see keepConnections).
+// marks the pod's connections first (see firstApply).
 func Apply(netnsPath string, podIPs []netip.Addr, keeper *bpf.ConnectionKeeper) error {
 	var src netip.Addr
 	for _, ip := range podIPs {

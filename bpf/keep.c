@@ -7,7 +7,7 @@
  * before the capture routing goes in, with ztunnel's mark, which that
  * routing sends to the main table: connections the pod had before it was
  * enrolled keep going as they were, and only new ones are captured, as
- * Istio's capture does. See KeepConnections in keep_linux.go.
+ * Istio's capture does. See ConnectionKeeper in keep_linux.go.
  *
  * Only established connections (and closing ones) are marked. Listening
  * sockets are left alone (their accepted sockets would inherit the mark and
